@@ -1,0 +1,1 @@
+"""Datasets: the embedded digit-scenes benchmark, real-dataset formats, loaders."""

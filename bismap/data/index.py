@@ -1,0 +1,58 @@
+"""Index a dataset once: list its pairs, check every file, count pixels per class.
+
+The manifest it writes is the only way later stages see a dataset, so a bad
+file is found here, named, before any training starts.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from bismap.data.formats import get_format
+from bismap.data.samples import DatasetError, Sample, check_same_size, image_size
+from bismap.io import write_json
+
+logger = logging.getLogger(__name__)
+
+
+def index_dataset(format_name: str, root: str | Path, split: str, num_classes: int,
+                  require_labels: bool, output_path: str | Path) -> dict:
+    """Write the manifest JSON for one domain; raise DatasetError naming the first bad file."""
+    dataset_format = get_format(format_name)
+    samples = dataset_format.list_samples(Path(root), split)
+    if require_labels:
+        unlabelled = [sample.image for sample in samples if sample.label is None]
+        if unlabelled:
+            raise DatasetError(f"{len(unlabelled)} image(s) without a label file, first: {unlabelled[0]}")
+    pixels_per_class = np.zeros(num_classes + 1, dtype=np.int64)  # last slot: ignore
+    for sample in tqdm(samples, desc=f"index {Path(root).name}", unit="img"):
+        pixels_per_class += _check_sample(sample, dataset_format.read_label, num_classes)
+    manifest = {
+        "format": format_name,
+        "root": str(root),
+        "split": split,
+        "num_classes": num_classes,
+        "count": len(samples),
+        "labelled": sum(sample.label is not None for sample in samples),
+        "pixels_per_class": pixels_per_class[:num_classes].tolist(),
+        "ignored_pixels": int(pixels_per_class[num_classes]),
+        "samples": [{"name": s.name, "image": s.image, "label": s.label} for s in samples],
+    }
+    write_json(output_path, manifest)
+    logger.info("indexed %d images (%d labelled) under %s", len(samples), manifest["labelled"], root)
+    return manifest
+
+
+def _check_sample(sample: Sample, read_label, num_classes: int) -> np.ndarray:
+    width, height = image_size(sample.image)
+    counts = np.zeros(num_classes + 1, dtype=np.int64)
+    if sample.label is None:
+        return counts
+    label = read_label(Path(sample.label), num_classes)  # (H, W) uint8 train ids, checked
+    check_same_size((height, width), label.shape, sample)
+    values = np.minimum(label.ravel(), num_classes)  # 255 (ignore) lands in the last slot
+    return np.bincount(values, minlength=num_classes + 1)

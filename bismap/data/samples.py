@@ -1,0 +1,107 @@
+"""Image/label pairs, label decoding and the checks every loader shares.
+
+A *format* knows how to list the (image, label) pairs under a dataset root and
+how to turn a label file into train ids (uint8, 255 = ignore). Everything
+downstream reads a dataset through the manifest the ``index_dataset`` rule
+writes, never by listing folders again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+IGNORE_INDEX = 255
+
+
+class DatasetError(ValueError):
+    """A dataset file is missing, unreadable or inconsistent; the message names it."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One image and its label file (``None`` for an unlabelled target image)."""
+
+    name: str
+    image: str
+    label: str | None
+
+
+def open_image(path: str | Path) -> np.ndarray:
+    """Read an RGB image as uint8 (H, W, 3); a bad file raises DatasetError naming it."""
+    try:
+        with Image.open(path) as image:
+            return np.array(image.convert("RGB"))
+    except FileNotFoundError as error:
+        raise DatasetError(f"missing image file: {path}") from error
+    except (UnidentifiedImageError, OSError, SyntaxError) as error:
+        raise DatasetError(f"unreadable image file: {path} ({error})") from error
+
+
+def open_label_array(path: str | Path) -> np.ndarray:
+    """Read a label PNG as stored (uint8 or uint16, 2-D or 3-D) without conversion."""
+    try:
+        with Image.open(path) as image:
+            return np.asarray(image)
+    except FileNotFoundError as error:
+        raise DatasetError(f"missing label file: {path}") from error
+    except (UnidentifiedImageError, OSError, SyntaxError) as error:
+        raise DatasetError(f"unreadable label file: {path} ({error})") from error
+
+
+def image_size(path: str | Path) -> tuple[int, int]:
+    """(width, height) from the header only; a bad file raises DatasetError."""
+    try:
+        with Image.open(path) as image:
+            image.verify()
+            return image.size
+    except FileNotFoundError as error:
+        raise DatasetError(f"missing file: {path}") from error
+    except (UnidentifiedImageError, OSError, SyntaxError) as error:
+        raise DatasetError(f"unreadable file: {path} ({error})") from error
+
+
+def check_train_ids(label: np.ndarray, num_classes: int, path: str | Path) -> np.ndarray:
+    """Train ids must be < num_classes or IGNORE_INDEX; otherwise name the file and values."""
+    values = np.unique(label)
+    bad = values[(values >= num_classes) & (values != IGNORE_INDEX)]
+    if bad.size:
+        raise DatasetError(
+            f"label values {bad.tolist()} outside the class set (0..{num_classes - 1}, "
+            f"{IGNORE_INDEX}=ignore) in {path}"
+        )
+    return label
+
+
+def check_same_size(image_shape: tuple[int, ...], label_shape: tuple[int, ...], sample: Sample) -> None:
+    if tuple(image_shape[:2]) != tuple(label_shape[:2]):
+        raise DatasetError(
+            f"label {sample.label} is {label_shape[1]}x{label_shape[0]} but image "
+            f"{sample.image} is {image_shape[1]}x{image_shape[0]} (width x height)"
+        )
+
+
+def paired_folder_samples(root: str | Path, split: str = "") -> list[Sample]:
+    """``<root>/images/*.png`` with ``<root>/labels/<same name>.png`` when present."""
+    folder = Path(root)
+    images_dir = folder / "images"
+    if not images_dir.is_dir():
+        raise DatasetError(f"no images folder at {images_dir}")
+    samples = []
+    for image in sorted(images_dir.glob("*.png")):
+        label = folder / "labels" / image.name
+        samples.append(Sample(image.stem, str(image), str(label) if label.exists() else None))
+    if not samples:
+        raise DatasetError(f"no *.png images under {images_dir}")
+    return samples
+
+
+def read_train_id_label(path: str | Path, num_classes: int) -> np.ndarray:
+    """Labels stored directly as train ids (the embedded benchmark): (H, W) uint8."""
+    label = open_label_array(path)
+    if label.ndim != 2 or label.dtype != np.uint8:
+        raise DatasetError(f"expected a single-channel 8-bit label PNG: {path} has {label.dtype} {label.shape}")
+    return check_train_ids(label, num_classes, path)

@@ -1,0 +1,32 @@
+"""What every workflow script does around its one library call: log to the rule's log, set threads."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+@contextlib.contextmanager
+def rule_context(log_file: str | Path, threads: int = 1) -> Iterator[logging.Logger]:
+    """Send logging to the rule's log file and stderr; record any failure there too."""
+    Path(log_file).parent.mkdir(parents=True, exist_ok=True)
+    handlers: list[logging.Handler] = [logging.FileHandler(log_file, mode="w"), logging.StreamHandler(sys.stderr)]
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, handlers=handlers, force=True)
+    logging.captureWarnings(True)
+    torch.set_num_threads(max(1, int(threads)))
+    logger = logging.getLogger("bismap.rule")
+    try:
+        yield logger
+    except BaseException:
+        logger.exception("rule failed")
+        raise
+    finally:
+        for handler in handlers:
+            handler.flush()

@@ -1,0 +1,1 @@
+"""Training loops and the pieces they share (optimiser, schedule, checkpoints, resume state)."""

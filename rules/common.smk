@@ -1,0 +1,78 @@
+# Config validation, path helpers and the params every rule shares.
+
+import os
+from pathlib import Path
+
+from snakemake.exceptions import WorkflowError
+from snakemake.utils import validate
+
+import bismap
+
+validate(config, schema="../config/schema.yaml")
+
+DOMAINS = ["source", "target_train", "target_val"]
+CODE_VERSION = bismap.CODE_VERSION
+
+
+def results(*parts):
+    """A path under this run's results folder."""
+    return os.path.join(config["results"], *parts)
+
+
+def log_path(rule_name, *wildcards):
+    return results("logs", rule_name, *wildcards) + ".log"
+
+
+def domain_settings(domain):
+    return config["datasets"][domain]
+
+
+def dataset_root(domain):
+    """Generated folder for the embedded benchmark, else the configured dataset root."""
+    settings = domain_settings(domain)
+    if settings["format"] == "digit_scenes":
+        return results("data", "digit_scenes", domain)
+    return settings["root"]
+
+
+def check_declared_paths():
+    """Fail before any job starts when a configured dataset or weight file is missing."""
+    problems = []
+    for domain in DOMAINS:
+        settings = domain_settings(domain)
+        if settings["format"] != "digit_scenes":
+            root = settings.get("root")
+            if not root or not os.path.isdir(root):
+                problems.append(f"datasets.{domain}.root: folder {root!r} does not exist")
+    imagenet = config.get("pretrained", {}).get("imagenet")
+    if imagenet and not os.path.isfile(imagenet):
+        problems.append(f"pretrained.imagenet: file {imagenet!r} does not exist (see README: pretrained weights)")
+    if problems:
+        raise WorkflowError("configuration names missing inputs:\n  " + "\n  ".join(problems))
+
+
+check_declared_paths()
+
+
+def pretrained_inputs(wildcards):
+    imagenet = config.get("pretrained", {}).get("imagenet")
+    return {"imagenet": imagenet} if imagenet else {}
+
+
+def oracle_enabled():
+    return bool(config.get("oracle", {}).get("enabled", False))
+
+
+def evaluated_models():
+    return ["warmup", "oracle"] if oracle_enabled() else ["warmup"]
+
+
+def final_outputs():
+    return [results("report", "summary.md")]
+
+
+onsuccess:
+    print(f"\nBiSMAP workflow finished. Results under {config['results']}/:")
+    print(f"  summary table: {results('report', 'summary.md')}")
+    for model in evaluated_models():
+        print(f"  {model}: {results('evaluation', model, 'metrics.md')}")
