@@ -211,19 +211,14 @@ def acquire_devices(
 ) -> Iterator[torch.device]:
     """Hold ``count`` GPUs for the ``with`` block and yield the torch device to use.
 
-    ``devices`` defaults to :func:`visible_devices`; with none (no CUDA) or
-    ``count == 0`` it yields ``cpu``. Inside a SLURM job that was given exactly
-    ``count`` devices (the executor case) they are used without locks.
-    Otherwise free slots are flock'ed in ``lock_dir`` (default
-    :func:`default_lock_dir`; under SLURM, a ``slurm-<jobid>`` subfolder, for
-    Snakemake run inside one multi-GPU allocation), polling every ``poll_s``
-    seconds, and ``TimeoutError`` is raised after ``timeout_s``.
-
-    The taken physical ids go into ``CUDA_VISIBLE_DEVICES`` (restored on exit)
-    and ``cuda:0`` is yielded, so child processes (torchrun) see only them. This
-    works only while CUDA is not initialised in this process: call it first. If
-    CUDA is already initialised, the variable is left alone and the index of the
-    first taken device among the visible ones is yielded instead.
+    ``devices`` defaults to :func:`visible_devices`; with none (no CUDA) or ``count == 0``
+    it yields ``cpu``. A SLURM job given exactly ``count`` devices uses them without locks.
+    Otherwise free slots are flock'ed in ``lock_dir`` (default :func:`default_lock_dir`,
+    plus ``slurm-<jobid>/`` under SLURM), polling every ``poll_s`` s; ``TimeoutError``
+    after ``timeout_s``. The taken ids go into ``CUDA_VISIBLE_DEVICES`` (restored on exit)
+    and ``cuda:0`` is yielded, so children (torchrun) see only them. This needs CUDA not yet
+    initialised in this process (call it first); if it is, the variable is left alone and
+    the index of the first taken device among the visible ones is yielded instead.
     """
     _check_args(count, timeout_s, poll_s)
     devices = visible_devices() if devices is None else list(devices)

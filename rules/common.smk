@@ -12,6 +12,7 @@ validate(config, schema="../config/schema.yaml")
 
 DOMAINS = ["source", "target_train", "target_val"]
 CODE_VERSION = bismap.CODE_VERSION
+CONDA_ENV = "../envs/bismap.yaml"
 
 
 def results(*parts):
@@ -52,6 +53,13 @@ def check_declared_paths():
 
 
 check_declared_paths()
+
+
+def index_inputs(wildcards):
+    """Only the generated benchmark is a workflow product; real roots are checked up front."""
+    if domain_settings(wildcards.domain)["format"] == "digit_scenes":
+        return [dataset_root(wildcards.domain)]
+    return []
 
 
 def pretrained_inputs(wildcards):

@@ -11,17 +11,12 @@ rule make_digit_scenes:
     wildcard_constraints:
         domain="|".join(DOMAINS),
     threads: 1
+    conda:
+        CONDA_ENV
     log:
         log_path("make_digit_scenes", "{domain}"),
     script:
         "../workflow_scripts/make_digit_scenes.py"
-
-
-def index_inputs(wildcards):
-    """Only the generated benchmark is a workflow product; real roots are checked up front."""
-    if domain_settings(wildcards.domain)["format"] == "digit_scenes":
-        return [dataset_root(wildcards.domain)]
-    return []
 
 
 rule index_dataset:
@@ -40,6 +35,8 @@ rule index_dataset:
     wildcard_constraints:
         domain="|".join(DOMAINS),
     threads: config["threads"]["data"]
+    conda:
+        CONDA_ENV
     log:
         log_path("index_dataset", "{domain}"),
     script:

@@ -17,6 +17,8 @@ rule evaluate:
     threads: config["threads"]["evaluate"]
     resources:
         gpu=1,
+    conda:
+        CONDA_ENV
     log:
         log_path("evaluate", "{model}"),
     script:
@@ -32,6 +34,8 @@ rule report:
     params:
         models=evaluated_models(),
         class_names=config["classes"],
+    conda:
+        CONDA_ENV
     log:
         log_path("report"),
     script:

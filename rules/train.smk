@@ -17,6 +17,8 @@ rule warmup:
     threads: config["threads"]["train"]
     resources:
         gpu=1,
+    conda:
+        CONDA_ENV
     log:
         log_path("warmup"),
     script:
@@ -36,5 +38,7 @@ use rule warmup as oracle with:
         class_names=config["classes"],
         state=results(".state", "oracle.pt"),
         code_version=CODE_VERSION,
+    conda:
+        CONDA_ENV
     log:
         log_path("oracle"),

@@ -56,6 +56,7 @@ class DeepLabV3Plus(nn.Module):
             _conv_bn_relu(settings.feature_dim, settings.feature_dim, 3),
         )
         self.classifier = nn.Conv2d(settings.feature_dim, num_classes, kernel_size=1)
+        initialise_weights(self)
 
     def forward(self, images: torch.Tensor) -> SegmentationOutput:
         low_level, high_level = self.encoder(images)  # (B, C1, H/4, W/4), (B, C4, H/os, W/os)
@@ -69,6 +70,21 @@ class DeepLabV3Plus(nn.Module):
         """Everything but the backbone: trained with a larger learning rate (DeepLab practice)."""
         encoder_ids = {id(parameter) for parameter in self.encoder.parameters()}
         return [parameter for parameter in self.parameters() if id(parameter) not in encoder_ids]
+
+
+def initialise_weights(module: nn.Module) -> None:
+    """He initialisation for convolutions, as torchvision's ResNet does.
+
+    PyTorch's default convolution init is about three times smaller; with it a
+    thin network trained by plain SGD sits on the background class for
+    hundreds of iterations before it starts to segment anything.
+    """
+    for layer in module.modules():
+        if isinstance(layer, nn.Conv2d):
+            nn.init.kaiming_normal_(layer.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(layer, nn.BatchNorm2d):
+            nn.init.ones_(layer.weight)
+            nn.init.zeros_(layer.bias)
 
 
 def build_model(settings: ModelSettings, num_classes: int, imagenet_weights: str | Path | None = None) -> DeepLabV3Plus:

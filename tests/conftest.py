@@ -1,0 +1,74 @@
+"""Shared fixtures: a tiny version of the default config, and a snakemake runner."""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+SNAKEMAKE = [sys.executable, "-m", "snakemake"]
+
+
+def tiny_config(results: Path) -> dict:
+    """The default config shrunk to seconds: 24/12/12 images of 32 px, 4 iterations."""
+    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    config = copy.deepcopy(config)
+    config["results"] = str(results)
+    config["digit_scenes"]["settings"].update(image_size=32, digit_size=[12, 16], digits_per_image=[1, 3])
+    config["digit_scenes"]["splits"] = {
+        "source": {"count": 24, "seed": 1},
+        "target_train": {"count": 12, "seed": 2},
+        "target_val": {"count": 12, "seed": 3},
+    }
+    training = {**config["warmup"], "iterations": 4, "batch_size": 4, "log_interval": 2, "checkpoint_interval": 2}
+    training["augment"] = {**training["augment"], "crop_size": [32, 32]}
+    config["warmup"] = training
+    config["oracle"] = {"enabled": True, "training": copy.deepcopy(training)}
+    config["evaluate"]["batch_size"] = 6
+    config["model"].update(backbone_width=8, aspp_channels=16, low_level_channels=8, feature_dim=16)
+    return config
+
+
+def write_config(path: Path, config: dict) -> Path:
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def run_snakemake(workdir: Path, configfile: Path, *arguments: str, check: bool = True) -> subprocess.CompletedProcess:
+    """Run the repository's workflow in ``workdir`` (no default profile, 2 cores)."""
+    command = [*SNAKEMAKE, "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
+               "--configfile", str(configfile), "--workflow-profile", "none", "--cores", "2", *arguments]
+    environment = {**os.environ, "BISMAP_GPU_LOCK_DIR": str(workdir / "gpu-locks")}
+    result = subprocess.run(command, capture_output=True, text=True, env=environment, cwd=workdir)
+    if check and result.returncode != 0:
+        raise AssertionError(f"snakemake failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}")
+    return result
+
+
+def planned_jobs(output: str) -> dict[str, int]:
+    """The 'Job stats' table of a dry run as {rule: count}."""
+    jobs: dict[str, int] = {}
+    lines = output.splitlines()
+    if "Job stats:" not in lines:
+        return jobs
+    for line in lines[lines.index("Job stats:") + 3:]:
+        parts = line.split()
+        if len(parts) != 2 or not parts[1].isdigit() or parts[0] == "total":
+            break
+        jobs[parts[0]] = int(parts[1])
+    return jobs
+
+
+@pytest.fixture(scope="session")
+def finished_tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """One complete end-to-end run of the tiny config, shared by the workflow tests."""
+    workdir = tmp_path_factory.mktemp("tiny_run")
+    configfile = write_config(workdir / "tiny.yaml", tiny_config(workdir / "results"))
+    run_snakemake(workdir, configfile)
+    return workdir, configfile

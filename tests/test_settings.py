@@ -1,0 +1,33 @@
+"""Typed settings: unknown keys fail at once, naming the key; lists become tuples."""
+
+from __future__ import annotations
+
+import pytest
+
+from bismap.models import ModelSettings
+from bismap.settings import SettingsError, from_dict, to_dict
+from bismap.training.supervised import TrainSettings
+
+
+def test_unknown_key_names_key_and_section():
+    with pytest.raises(SettingsError, match=r"warmup.optimizer: unknown key\(s\) \['lr'\]"):
+        from_dict(TrainSettings, {"iterations": 1, "batch_size": 2, "optimizer": {"lr": 0.1}}, "warmup")
+
+
+def test_missing_required_key():
+    with pytest.raises(SettingsError, match="missing required key 'batch_size'"):
+        from_dict(TrainSettings, {"iterations": 1}, "warmup")
+
+
+def test_nested_values_and_round_trip():
+    settings = from_dict(TrainSettings, {"iterations": 7, "batch_size": 2, "optimizer": {"learning_rate": 1},
+                                         "augment": {"crop_size": [32, 48]}}, "warmup")
+    assert settings.optimizer.learning_rate == 1.0 and isinstance(settings.optimizer.learning_rate, float)
+    assert settings.augment.crop_size == (32, 48)
+    assert to_dict(settings)["augment"]["crop_size"] == [32, 48]
+    assert from_dict(TrainSettings, to_dict(settings), "again") == settings
+
+
+def test_model_defaults_are_the_paper_network():
+    settings = from_dict(ModelSettings, {}, "model")
+    assert (settings.backbone_depth, settings.output_stride, settings.feature_dim) == (101, 16, 256)
