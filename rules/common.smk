@@ -67,6 +67,20 @@ def pretrained_inputs(wildcards):
     return {"imagenet": imagenet} if imagenet else {}
 
 
+def gpa_settings():
+    """The gpa section (schema defaults filled in); a config without one has GPA disabled."""
+    return config.get("gpa", {})
+
+
+def gpa_enabled():
+    return bool(gpa_settings().get("enabled", False))
+
+
+def gpa_inputs(wildcards):
+    """Target photometric statistics for the source loader when GPA is on (BiSMAP Sec. 3.5)."""
+    return {"photometric_statistics": results("gpa", "target_statistics.json")} if gpa_enabled() else {}
+
+
 def oracle_enabled():
     return bool(config.get("oracle", {}).get("enabled", False))
 

@@ -1,9 +1,17 @@
 # Supervised training: the source-only warmup and the target oracle.
 
 
+# With gpa.enabled the source images are stylized to the target (GPA, BiSMAP
+# Sec. 3.5) in the loader, on the fly, from the statistics of rule
+# gpa_statistics: materializing stylized GTA5 (~25k full-HD PNGs) would add
+# ~60 GB of disk, while aligning one full-HD image costs ~0.25 s of CPU
+# (~0.1 s for SYNTHIA's 1280x760), which the DataLoader workers
+# (warmup.workers) hide behind the GPU step. Editing the statistics reruns
+# the warmup (they are an input).
 rule warmup:
     input:
         unpack(pretrained_inputs),
+        unpack(gpa_inputs),
         manifest=results("manifests", "source.json"),
     output:
         checkpoint=results("checkpoints", "warmup.pt"),
@@ -25,6 +33,8 @@ rule warmup:
         "../workflow_scripts/train_supervised.py"
 
 
+# The oracle trains on labelled target images: never stylized, so its input
+# list (which replaces the warmup's) has no photometric statistics.
 use rule warmup as oracle with:
     input:
         unpack(pretrained_inputs),

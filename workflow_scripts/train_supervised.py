@@ -24,4 +24,5 @@ with rule_context(snakemake.log[0], snakemake.threads):
             device=device,
             imagenet_weights=snakemake.input.get("imagenet"),
             run_settings={"training": snakemake.params.training, "model": snakemake.params.model},
+            photometric_statistics_path=snakemake.input.get("photometric_statistics"),  # warmup with GPA only
         )

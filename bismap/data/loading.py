@@ -19,6 +19,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
 from bismap.data.formats import get_format
+from bismap.data.photometric import align_image
 from bismap.data.samples import IGNORE_INDEX, DatasetError, Sample, check_same_size, open_image
 from bismap.io import read_json
 
@@ -83,11 +84,18 @@ class SegmentationDataset(Dataset):
     An item may be requested as ``(index, seed)``: the augmentation then draws
     from a generator seeded with ``seed``, so a batch is the same whichever
     worker builds it and whether or not training was resumed.
+
+    With ``photometric_statistics`` (target statistics of
+    :mod:`bismap.data.photometric`) every image is stylized to the target by
+    Global Photometric Alignment (BiSMAP Sec. 3.5) right after reading, on the
+    whole uint8 image and before any augmentation.
     """
 
     def __init__(self, manifest: Manifest, augmentation: v2.Transform | None = None, labelled: bool = True,
-                 mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD) -> None:
+                 mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD,
+                 photometric_statistics: dict[str, Any] | None = None) -> None:
         self.manifest = manifest
+        self.photometric_statistics = photometric_statistics
         self.augmentation = augmentation
         self.labelled = labelled
         self.mean, self.std = list(mean), list(std)
@@ -103,6 +111,8 @@ class SegmentationDataset(Dataset):
         index, seed = item if isinstance(item, tuple) else (item, None)
         sample = self.manifest.samples[index]
         image_array = open_image(sample.image)  # (H, W, 3) uint8
+        if self.photometric_statistics is not None:
+            image_array = align_image(image_array, self.photometric_statistics)  # GPA, Sec. 3.5
         image = tv_tensors.Image(torch.from_numpy(image_array).permute(2, 0, 1))
         label_array = self._label(sample, image_array.shape)
         mask = tv_tensors.Mask(torch.from_numpy(label_array))

@@ -202,3 +202,32 @@ def write_preview(
             canvas[top : top + tile_height, left : left + tile_width] = _tile(image, size)
     write_png(path, canvas)
     logger.info("photometric alignment preview (%d rows) written to %s", rows, path)
+
+
+def compute_and_write(
+    target_manifest: str | os.PathLike[str],
+    source_manifest: str | os.PathLike[str],
+    statistics_path: str | os.PathLike[str],
+    preview_path: str | os.PathLike[str],
+    max_images: int,
+    seed: int,
+    preview_rows: int = 3,
+) -> dict[str, Any]:
+    """Rule gpa_statistics: target statistics JSON from a manifest, plus a preview PNG.
+
+    The statistics pool a ``seed``-ed sample of at most ``max_images`` target
+    images; the preview shows ``preview_rows`` seeded source images before and
+    after alignment, each next to a (seeded) target image.
+    """
+    from bismap.data.loading import Manifest  # imported here: loading imports this module
+
+    target_paths = [sample.image for sample in Manifest.load(target_manifest).samples]
+    source_paths = [sample.image for sample in Manifest.load(source_manifest).samples]
+    stats = compute_target_statistics(target_paths, max_images, seed)
+    save_statistics(statistics_path, stats)
+    logger.info("target L mean %.1f, a %.2f +- %.2f, b %.2f +- %.2f", stats["l_mean"], stats["a_mean"],
+                stats["a_std"], stats["b_mean"], stats["b_std"])
+    previewed = _choose_images(source_paths, preview_rows, seed)
+    shown_targets = _choose_images(target_paths, preview_rows, seed + 1)
+    write_preview(preview_path, previewed, stats, shown_targets, rows=preview_rows)
+    return stats

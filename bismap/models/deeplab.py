@@ -29,6 +29,7 @@ class ModelSettings:
     aspp_channels: int = 256
     low_level_channels: int = 48
     feature_dim: int = 256
+    aspp_dropout: float = 0.5  # DeepLab's value; a thin net trained briefly learns faster without
 
 
 class SegmentationOutput(NamedTuple):
@@ -50,6 +51,7 @@ class DeepLabV3Plus(nn.Module):
         self.settings = settings
         self.encoder = ResNetEncoder(settings.backbone_depth, settings.backbone_width, settings.output_stride)
         self.aspp = ASPP(self.encoder.out_channels, settings.aspp_rates, settings.aspp_channels)
+        self.aspp.project[-1].p = settings.aspp_dropout  # torchvision fixes it at 0.5
         self.low_level_projection = _conv_bn_relu(self.encoder.low_level_channels, settings.low_level_channels, 1)
         self.fuse = nn.Sequential(
             _conv_bn_relu(settings.aspp_channels + settings.low_level_channels, settings.feature_dim, 3),

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from bismap.data.loading import AugmentSettings, Manifest, ResumableBatchSampler, SegmentationDataset, train_augmentation
+from bismap.data.photometric import load_statistics
 from bismap.data.samples import IGNORE_INDEX
 from bismap.io import write_text
 from bismap.models import ModelSettings, build_model
@@ -58,19 +59,23 @@ def seed_everything(seed: int) -> None:
 
 def train_supervised(manifest_path: str | Path, paths: RunPaths, settings: TrainSettings,
                      model_settings: ModelSettings, class_names: list[str], device: torch.device,
-                     imagenet_weights: str | Path | None = None, run_settings: dict[str, Any] | None = None) -> None:
+                     imagenet_weights: str | Path | None = None, run_settings: dict[str, Any] | None = None,
+                     photometric_statistics_path: str | Path | None = None) -> None:
+    """``photometric_statistics_path``: stylize every image by GPA (BiSMAP Sec. 3.5) in the loader."""
     seed_everything(settings.seed)
     manifest = Manifest.load(manifest_path)
+    photometric = load_statistics(photometric_statistics_path) if photometric_statistics_path else None
     model = build_model(model_settings, len(class_names), imagenet_weights).to(device)
     optimizer = make_optimizer(model, settings.optimizer)
     use_amp = settings.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-    run_id = fingerprint(run_settings, str(manifest_path), len(manifest.samples))
+    extra = [photometric] if photometric else []  # GPA statistics shape training too (only hashed when used)
+    run_id = fingerprint(run_settings, str(manifest_path), len(manifest.samples), *extra)
     state = load_resume_state(paths.state, run_id)
     start, history = (state["iteration"], state["history"]) if state else (0, [])
     if state:
         _restore(state, model, optimizer, scaler)
-    loader = _make_loader(manifest, settings, start)
+    loader = _make_loader(manifest, settings, start, photometric)
     model.train()
     progress = tqdm(loader, total=settings.iterations, initial=start, desc=paths.checkpoint.stem, unit="it")
     started = time.perf_counter()
@@ -90,10 +95,18 @@ def train_supervised(manifest_path: str | Path, paths: RunPaths, settings: Train
     paths.state.unlink(missing_ok=True)
 
 
-def _make_loader(manifest: Manifest, settings: TrainSettings, start: int) -> DataLoader:
-    dataset = SegmentationDataset(manifest, train_augmentation(settings.augment), labelled=True)
+def _make_loader(manifest: Manifest, settings: TrainSettings, start: int,
+                 photometric_statistics: dict[str, Any] | None = None) -> DataLoader:
+    if photometric_statistics is not None:
+        logger.info("images stylized on the fly by GPA (BiSMAP Sec. 3.5) to target statistics of %d image(s)",
+                    photometric_statistics.get("num_images", 0))
+    dataset = SegmentationDataset(manifest, train_augmentation(settings.augment), labelled=True,
+                                  photometric_statistics=photometric_statistics)
     sampler = ResumableBatchSampler(len(dataset), settings.batch_size, settings.seed, settings.iterations, start)
-    return DataLoader(dataset, batch_sampler=sampler, num_workers=settings.workers,
+    # Its own generator: creating the iterator must not draw from the global RNG,
+    # whose state the resume checkpoint restores (dropout draws from it).
+    generator = torch.Generator().manual_seed(settings.seed)
+    return DataLoader(dataset, batch_sampler=sampler, num_workers=settings.workers, generator=generator,
                       persistent_workers=settings.workers > 0, pin_memory=torch.cuda.is_available())
 
 
