@@ -1,0 +1,266 @@
+"""Target pseudo-labels (uint8 PNGs, 255 = ignore) by four strategies (BiSMAP Table 3, 5).
+
+* ``maps``: BiSMAP's MAPs-PLA. Class = argmax_c log p_c(f) (Eq. 4), kept when
+  max_c log p_c(f) >= delta (Eq. 6). ``threshold_mode='absolute'`` uses one
+  delta for all classes (the paper: 100 for GTA5, -50 for SYNTHIA);
+  ``'percentile'`` uses per class the ``percentile``-th percentile of that
+  class's own source log-densities (stored in the prototypes by
+  :func:`bismap.gmm.merge_class_gmms`), because an absolute delta depends on
+  the feature scale and dimension.
+* ``cas``: CAG-UDA's category anchors. Class = the nearest source class
+  centroid (Euclidean, CAG-UDA Eq. 5); kept ("active") when the second-nearest
+  distance minus the nearest exceeds ``margin`` (Delta_d, CAG-UDA Eq. 6).
+* ``confidence``: argmax of the softmax, kept when its maximum >= ``confidence``.
+* ``confidence_balanced``: argmax of the softmax; per image and per predicted
+  class the ceil(``fraction`` * n_c) most confident pixels are kept (ties: the
+  earlier pixel in row-major order).
+
+Everything is scored at feature resolution (h, w) = (H/4, W/4), in chunks of
+``chunk_rows`` rows of the (h*w, D) features; the (h, w) label map, with the
+decision already applied, is then upsampled to the image size by nearest
+neighbour (image pixel (y, x) takes cell (floor(y*h/H), floor(x*w/W))).
+Images are run one at a time, so a label never depends on which other images
+share its shard: any shard count gives byte-identical PNGs.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, Subset
+from tqdm import tqdm
+
+from bismap.data.loading import Manifest, SegmentationDataset
+from bismap.data.samples import IGNORE_INDEX
+from bismap.gmm import ClassPrototypes, torch_dtype
+from bismap.io import read_json, write_json, write_png
+from bismap.training.checkpoint import load_model
+
+logger = logging.getLogger(__name__)
+
+STRATEGIES = ("maps", "cas", "confidence", "confidence_balanced")
+THRESHOLD_MODES = ("absolute", "percentile")
+
+
+@dataclass(frozen=True)
+class PseudoLabelSettings:
+    strategy: str = "maps"  # one of STRATEGIES
+    threshold_mode: str = "absolute"  # maps: 'absolute' (delta) or 'percentile'
+    delta: float = 100.0  # maps, absolute: BiSMAP Eq. 6 (100 GTA5, -50 SYNTHIA)
+    percentile: float = 20.0  # maps, percentile: of each class's own source log-densities (0-100)
+    margin: float = 1.0  # cas: CAG-UDA Delta_d (BiSMAP Table 5: 0.5-2)
+    confidence: float = 0.9  # confidence: minimum softmax maximum
+    fraction: float = 0.5  # confidence_balanced: share kept per predicted class and image
+    score_dtype: str = "float32"  # of the GMM and distance scoring
+    chunk_rows: int = 65_536
+    workers: int = 0
+
+    def __post_init__(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"pseudo_labels.strategy must be one of {STRATEGIES}, got '{self.strategy}'")
+        if self.threshold_mode not in THRESHOLD_MODES:
+            raise ValueError(f"pseudo_labels.threshold_mode must be one of {THRESHOLD_MODES}, "
+                             f"got '{self.threshold_mode}'")
+        if not 0.0 <= self.fraction <= 1.0 or not 0.0 <= self.percentile <= 100.0:
+            raise ValueError("pseudo_labels.fraction must be in [0, 1] and percentile in [0, 100]")
+
+
+def _keep(labels: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    return torch.where(kept, labels, torch.full_like(labels, IGNORE_INDEX))
+
+
+def assign_maps(features: torch.Tensor, prototypes: ClassPrototypes, thresholds: torch.Tensor,
+                dtype: torch.dtype = torch.float32, chunk_rows: int = 65_536) -> tuple[torch.Tensor, torch.Tensor]:
+    """BiSMAP Eq. 6: (N, D) features -> labels (N,) (255 where max_c log p_c < delta_c) and max log p (N,)."""
+    labels, scores = [], []
+    for chunk in features.split(chunk_rows):
+        score, label = prototypes.log_densities(chunk, dtype, chunk_rows).max(dim=1)  # (n,), (n,)
+        kept = torch.isfinite(score) & (score >= thresholds.to(score)[label])
+        labels.append(_keep(label, kept))
+        scores.append(score)
+    return torch.cat(labels), torch.cat(scores)
+
+
+def assign_cas(features: torch.Tensor, centroids: torch.Tensor, margin: float,
+               dtype: torch.dtype = torch.float32, chunk_rows: int = 65_536) -> tuple[torch.Tensor, torch.Tensor]:
+    """CAG-UDA Eq. 5-7: nearest anchor, active when d_second - d_nearest > margin; returns labels, margins."""
+    centroids = centroids.to(device=features.device, dtype=dtype)  # (C, D), NaN rows: absent classes
+    absent = torch.isnan(centroids).any(dim=1)  # (C,)
+    labels, scores = [], []
+    for chunk in features.split(chunk_rows):
+        distances = torch.cdist(chunk.to(dtype), centroids.nan_to_num(0.0))  # (n, C)
+        distances[:, absent] = torch.inf
+        nearest = distances.topk(min(2, len(centroids)), dim=1, largest=False)  # sorted ascending
+        gap = (nearest.values[:, 1] - nearest.values[:, 0] if len(centroids) > 1
+               else torch.full_like(nearest.values[:, 0], torch.inf))
+        kept = torch.isfinite(nearest.values[:, 0]) & (gap > margin)
+        labels.append(_keep(nearest.indices[:, 0], kept))
+        scores.append(gap)
+    return torch.cat(labels), torch.cat(scores)
+
+
+def assign_confidence(logits: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, K) logits -> labels (N,) kept where the softmax maximum >= threshold, and that maximum."""
+    confidence, labels = logits.float().softmax(dim=1).max(dim=1)  # (N,), (N,)
+    return _keep(labels, confidence >= threshold), confidence
+
+
+def assign_confidence_balanced(logits: torch.Tensor, fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per predicted class keep the ceil(fraction * n_c) most confident of its n_c pixels: (N, K) -> (N,)."""
+    confidence, labels = logits.float().softmax(dim=1).max(dim=1)  # (N,), (N,)
+    kept = torch.zeros_like(labels, dtype=torch.bool)
+    for class_id in torch.unique(labels).tolist():
+        members = torch.nonzero(labels == class_id).squeeze(1)  # (n_c,) ascending pixel index
+        count = math.ceil(round(fraction * len(members), 6))
+        order = torch.argsort(confidence[members], descending=True, stable=True)
+        kept[members[order[:count]]] = True
+    return _keep(labels, kept), confidence
+
+
+def resolve_thresholds(settings: PseudoLabelSettings, prototypes: ClassPrototypes) -> torch.Tensor:
+    """delta per class (C,) float64: the absolute delta, or the calibrated percentiles."""
+    if settings.threshold_mode == "percentile":
+        thresholds = torch.from_numpy(prototypes.percentile_thresholds(settings.percentile))
+    else:
+        thresholds = torch.full((len(prototypes.class_names),), settings.delta, dtype=torch.float64)
+    logger.info("MAPs thresholds (%s): %s", settings.threshold_mode,
+                {name: round(float(value), 2) for name, value in zip(prototypes.class_names, thresholds)})
+    return thresholds
+
+
+def label_map(logits: torch.Tensor, features: torch.Tensor, settings: PseudoLabelSettings,
+              prototypes: ClassPrototypes | None, thresholds: torch.Tensor | None) -> torch.Tensor:
+    """One image's (K, h, w) logits and (D, h, w) features -> (h, w) int64 labels, 255 = ignore."""
+    size = tuple(logits.shape[-2:])
+    rows = features.flatten(1).T  # (h*w, D), a view
+    dtype, chunk = torch_dtype(settings.score_dtype), settings.chunk_rows
+    if settings.strategy == "maps":
+        labels, _ = assign_maps(rows, prototypes, thresholds, dtype, chunk)
+    elif settings.strategy == "cas":
+        labels, _ = assign_cas(rows, prototypes.centroids, settings.margin, dtype, chunk)
+    elif settings.strategy == "confidence":
+        labels, _ = assign_confidence(logits.flatten(1).T, settings.confidence)
+    else:
+        labels, _ = assign_confidence_balanced(logits.flatten(1).T, settings.fraction)
+    return labels.view(size)
+
+
+def upsample_labels(labels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(h, w) labels -> (H, W) uint8 by nearest neighbour."""
+    upsampled = F.interpolate(labels[None, None].float(), size=size, mode="nearest")  # (1, 1, H, W)
+    return upsampled[0, 0].to(torch.uint8)
+
+
+class LabelStatistics:
+    """Pixel counts at image resolution: pseudo-labelled, and correct where ground truth exists."""
+
+    def __init__(self, class_names: Sequence[str]) -> None:
+        classes = len(class_names)
+        self.class_names = list(class_names)
+        self.images, self.total_pixels = 0, 0
+        self.labelled = np.zeros(classes, dtype=np.int64)  # pseudo-labelled pixels per class
+        self.with_ground_truth = np.zeros(classes, dtype=np.int64)  # ... of them with a valid true label
+        self.correct = np.zeros(classes, dtype=np.int64)
+
+    def add(self, labels: np.ndarray, truth: np.ndarray | None) -> None:
+        classes = len(self.class_names)
+        self.images += 1
+        self.total_pixels += labels.size
+        assigned = labels != IGNORE_INDEX
+        self.labelled += np.bincount(labels[assigned], minlength=classes)[:classes]
+        if truth is not None:
+            checked = assigned & (truth != IGNORE_INDEX)
+            self.with_ground_truth += np.bincount(labels[checked], minlength=classes)[:classes]
+            self.correct += np.bincount(labels[checked & (labels == truth)], minlength=classes)[:classes]
+
+    def as_dict(self, has_ground_truth: bool) -> dict[str, Any]:
+        result = {"class_names": self.class_names, "images": self.images, "total_pixels": self.total_pixels,
+                  "labelled_per_class": self.labelled.tolist()}
+        if has_ground_truth:
+            result.update(with_ground_truth_per_class=self.with_ground_truth.tolist(),
+                          correct_per_class=self.correct.tolist())
+        return summarize_label_statistics(result)
+
+
+def summarize_label_statistics(counts: dict[str, Any]) -> dict[str, Any]:
+    """Add the PL ratio (BiSMAP Table 5) and per-class precision to summed counts."""
+    labelled = sum(counts["labelled_per_class"])
+    summary = {**counts, "pl_ratio": labelled / counts["total_pixels"] if counts["total_pixels"] else 0.0}
+    if "correct_per_class" in counts:
+        summary["precision_per_class"] = [correct / checked if checked else None for correct, checked
+                                          in zip(counts["correct_per_class"], counts["with_ground_truth_per_class"])]
+        checked = sum(counts["with_ground_truth_per_class"])
+        summary["precision"] = sum(counts["correct_per_class"]) / checked if checked else None
+    return summary
+
+
+def merge_label_statistics(parts: Sequence[dict[str, Any] | str | Path]) -> dict[str, Any]:
+    """Sum the statistics of all shards (dicts or their JSON files)."""
+    loaded = [part if isinstance(part, dict) else read_json(part) for part in parts]
+    keys = [key for key in ("labelled_per_class", "with_ground_truth_per_class", "correct_per_class")
+            if all(key in part for part in loaded)]
+    counts = {"class_names": loaded[0]["class_names"], "images": sum(part["images"] for part in loaded),
+              "total_pixels": sum(part["total_pixels"] for part in loaded)}
+    counts.update({key: np.sum([part[key] for part in loaded], axis=0).tolist() for key in keys})
+    return summarize_label_statistics(counts)
+
+
+def _load_prototypes(path: str | Path | None, settings: PseudoLabelSettings, class_names: list[str],
+                     device: torch.device) -> ClassPrototypes | None:
+    if settings.strategy not in ("maps", "cas"):
+        return None
+    if path is None:
+        raise ValueError(f"pseudo-label strategy '{settings.strategy}' needs a prototypes file")
+    prototypes = ClassPrototypes.load(path, device)
+    if list(prototypes.class_names) != class_names:
+        raise ValueError(f"prototypes {path} are for classes {list(prototypes.class_names)}, "
+                         f"the checkpoint for {class_names}")
+    if settings.strategy == "cas" and prototypes.centroids is None:
+        raise ValueError(f"prototypes {path} carry no class centroids, which strategy 'cas' needs")
+    return prototypes
+
+
+def shard_indices(count: int, shard_index: int, shard_count: int) -> list[int]:
+    """Images i with i % shard_count == shard_index, in manifest order."""
+    if shard_count < 1 or not 0 <= shard_index < shard_count:
+        raise ValueError(f"shard {shard_index} of {shard_count}: need 0 <= shard_index < shard_count")
+    return list(range(shard_index, count, shard_count))
+
+
+@torch.no_grad()
+def label_images(checkpoint_path: str | Path, manifest_path: str | Path, prototypes_path: str | Path | None,
+                 output_dir: str | Path, shard_index: int, shard_count: int, settings: PseudoLabelSettings,
+                 device: torch.device, statistics_path: str | Path | None = None) -> dict[str, Any]:
+    """Write ``<output_dir>/<sample name>.png`` for the shard's images; return (and write) its statistics."""
+    model, checkpoint = load_model(checkpoint_path, device)
+    model.eval()
+    class_names = list(checkpoint["class_names"])
+    prototypes = _load_prototypes(prototypes_path, settings, class_names, device)
+    thresholds = resolve_thresholds(settings, prototypes) if settings.strategy == "maps" else None
+    manifest = Manifest.load(manifest_path)
+    has_truth = all(sample.label is not None for sample in manifest.samples)
+    dataset = Subset(SegmentationDataset(manifest, labelled=has_truth),
+                     shard_indices(len(manifest.samples), shard_index, shard_count))
+    loader = DataLoader(dataset, batch_size=None, num_workers=settings.workers)
+    statistics = LabelStatistics(class_names)
+    for item in tqdm(loader, desc=f"pseudo-labels {shard_index + 1}/{shard_count}", unit="img"):
+        output = model(item["image"][None].to(device))  # one image at a time: shard-independent results
+        labels = label_map(output.logits[0], output.features[0], settings, prototypes, thresholds)  # (h, w)
+        image_labels = upsample_labels(labels, tuple(item["image"].shape[-2:])).cpu().numpy()  # (H, W)
+        write_png(Path(output_dir) / f"{manifest.samples[item['index']].name}.png", image_labels)
+        statistics.add(image_labels, item["label"].numpy() if has_truth else None)
+    result = statistics.as_dict(has_truth)
+    result.update(strategy=settings.strategy, shard_index=shard_index, shard_count=shard_count)
+    if statistics_path is not None:
+        write_json(statistics_path, result)
+    logger.info("shard %d/%d: %d images, PL ratio %.3f", shard_index + 1, shard_count, len(dataset),
+                result["pl_ratio"])
+    return result
