@@ -13,6 +13,7 @@ include: "rules/common.smk"
 include: "rules/data.smk"
 include: "rules/gpa.smk"
 include: "rules/train.smk"
+include: "rules/maps.smk"
 include: "rules/evaluate.smk"
 
 

@@ -89,8 +89,56 @@ def evaluated_models():
     return ["warmup", "oracle"] if oracle_enabled() else ["warmup"]
 
 
+def maps_settings():
+    """The maps section (schema defaults filled in); a config without one has MAPs disabled."""
+    return config.get("maps", {})
+
+
+def maps_enabled():
+    return bool(maps_settings().get("enabled", False))
+
+
+def class_ids():
+    """Train ids 0..C-1: one fit_class_gmm job each."""
+    return list(range(len(config["classes"])))
+
+
+def maps_shards():
+    """Shard indices of the pseudo_labels jobs."""
+    return list(range(int(maps_settings().get("shards", 1))))
+
+
+def maps_pseudo_label_settings():
+    """PseudoLabelSettings of the MAPs labels (rules/maps.smk writes strategy 'maps' only)."""
+    return {**maps_settings().get("pseudo_labels", {}), "strategy": "maps"}
+
+
+def pseudo_label_report_settings():
+    return config.get("pseudo_label_report", {})
+
+
+def pseudo_label_report_enabled():
+    return bool(pseudo_label_report_settings().get("enabled", False))
+
+
+def pseudo_label_strategies():
+    """The strategies the pseudo-label report compares, in the config's order."""
+    return list(pseudo_label_report_settings().get("strategies", {}))
+
+
+def pseudo_label_report_inputs(wildcards):
+    """The MAPs file when a compared strategy needs it (maps: GMMs, cas: class centroids)."""
+    needed = {"maps", "cas"} & set(pseudo_label_strategies())
+    return {"prototypes": results("maps", "prototypes.h5")} if needed else {}
+
+
 def final_outputs():
-    return [results("report", "summary.md")]
+    outputs = [results("report", "summary.md")]
+    if maps_enabled():
+        outputs.append(results("pseudo_labels", "maps", "summary.json"))
+    if pseudo_label_report_enabled():
+        outputs.append(results("pseudo_label_report", "table.md"))
+    return outputs
 
 
 onsuccess:
@@ -98,3 +146,7 @@ onsuccess:
     print(f"  summary table: {results('report', 'summary.md')}")
     for model in evaluated_models():
         print(f"  {model}: {results('evaluation', model, 'metrics.md')}")
+    if maps_enabled():
+        print(f"  MAPs pseudo-labels: {results('pseudo_labels', 'maps')}/shard_*/ (summary.json)")
+    if pseudo_label_report_enabled():
+        print(f"  pseudo-label quality (BiSMAP Table 5): {results('pseudo_label_report', 'table.md')}")

@@ -32,6 +32,9 @@ def tiny_config(results: Path) -> dict:
     config["oracle"] = {"enabled": True, "training": copy.deepcopy(training)}
     config["evaluate"]["batch_size"] = 6
     config["model"].update(backbone_width=8, aspp_channels=16, low_level_channels=8, feature_dim=16)
+    config["maps"]["features"].update(features_per_class=500, batch_size=12)
+    config["maps"]["gmm"].update(components=2, min_features=20, max_iterations=30, kmeans_iterations=30,
+                                 calibration_samples=500)
     return config
 
 

@@ -43,7 +43,9 @@ def test_editing_warmup_learning_rate_reruns_warmup_and_downstream_only(finished
     config["warmup"]["optimizer"]["learning_rate"] = 0.02
     edited = write_config(tmp_path / "edited.yaml", config)
     jobs = planned_jobs(run_snakemake(workdir, edited, "-n").stdout)
-    assert jobs == {"warmup": 1, "evaluate": 1, "report": 1, "all": 1}
+    maps_stages = {"extract_source_features": 1, "fit_class_gmm": 11, "merge_class_gmms": 1, "pseudo_labels": 2,
+                   "merge_pseudo_labels": 1, "pseudo_label_report": 1}  # all downstream of the warmup
+    assert jobs == {"warmup": 1, "evaluate": 1, "report": 1, "all": 1, **maps_stages}
 
 
 def test_editing_source_generator_leaves_target_data_and_oracle_alone(finished_tiny_run, tmp_path):
@@ -52,7 +54,10 @@ def test_editing_source_generator_leaves_target_data_and_oracle_alone(finished_t
     config["digit_scenes"]["splits"]["source"]["seed"] = 99
     edited = write_config(tmp_path / "edited.yaml", config)
     jobs = planned_jobs(run_snakemake(workdir, edited, "-n").stdout)
-    assert jobs == {"make_digit_scenes": 1, "index_dataset": 1, "warmup": 1, "evaluate": 1, "report": 1, "all": 1}
+    maps_stages = {"extract_source_features": 1, "fit_class_gmm": 11, "merge_class_gmms": 1, "pseudo_labels": 2,
+                   "merge_pseudo_labels": 1, "pseudo_label_report": 1}  # all downstream of the warmup
+    assert jobs == {"make_digit_scenes": 1, "index_dataset": 1, "warmup": 1, "evaluate": 1, "report": 1, "all": 1,
+                    **maps_stages}
 
 
 def test_unknown_config_key_fails_before_any_job(tmp_path):

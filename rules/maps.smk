@@ -1,0 +1,142 @@
+# Multiple Anisotropic Prototypes (MAPs, BiSMAP Sec. 3.3, Eqs. 3-6) and the
+# pseudo-labels they assign to target-train; the pseudo-label quality report
+# (BiSMAP Table 5). Settings: the maps and pseudo_label_report sections.
+#
+#   warmup.pt + source --extract_source_features--> maps/source_features.h5
+#     --fit_class_gmm (one job per class)--> maps/gmm/class_<c>.h5
+#     --merge_class_gmms--> maps/prototypes.h5
+#     --pseudo_labels (one job per shard)--> pseudo_labels/maps/shard_<i>/*.png
+#     --merge_pseudo_labels--> pseudo_labels/maps/summary.json
+#   prototypes + warmup.pt + target-train labels --pseudo_label_report--> pseudo_label_report/
+
+
+# Eq. 3: decoder features of the source pixels the warmup classifies correctly,
+# sampled per class. With GPA on, the source is stylized as the warmup saw it.
+rule extract_source_features:
+    input:
+        unpack(gpa_inputs),
+        checkpoint=results("checkpoints", "warmup.pt"),
+        manifest=results("manifests", "source.json"),
+    output:
+        features=results("maps", "source_features.h5"),
+    params:
+        settings=maps_settings()["features"],
+        code_version=CODE_VERSION,
+    threads: config["threads"]["evaluate"]
+    resources:
+        gpu=1,
+    conda:
+        CONDA_ENV
+    log:
+        log_path("extract_source_features"),
+    script:
+        "../workflow_scripts/extract_source_features.py"
+
+
+# Eqs. 4-5: a K-component GMM per class, fitted on the CPU (fan-out).
+rule fit_class_gmm:
+    input:
+        features=results("maps", "source_features.h5"),
+    output:
+        gmm=results("maps", "gmm", "class_{class_id}.h5"),
+    params:
+        settings=maps_settings()["gmm"],
+        class_id=lambda wildcards: int(wildcards.class_id),
+        class_name=lambda wildcards: config["classes"][int(wildcards.class_id)],
+        code_version=CODE_VERSION,
+    wildcard_constraints:
+        class_id=r"\d+",
+    threads: maps_settings()["fit_threads"]
+    conda:
+        CONDA_ENV
+    log:
+        log_path("fit_class_gmm", "class_{class_id}"),
+    script:
+        "../workflow_scripts/fit_class_gmm.py"
+
+
+rule merge_class_gmms:
+    input:
+        gmms=expand(results("maps", "gmm", "class_{class_id}.h5"), class_id=class_ids()),
+        features=results("maps", "source_features.h5"),
+    output:
+        prototypes=results("maps", "prototypes.h5"),
+    params:
+        settings=maps_settings()["gmm"],
+        code_version=CODE_VERSION,
+    threads: 1
+    conda:
+        CONDA_ENV
+    log:
+        log_path("merge_class_gmms"),
+    script:
+        "../workflow_scripts/merge_class_gmms.py"
+
+
+# Eq. 6 on target-train, image i in shard i % shards: the same PNGs whatever
+# the shard count. One folder per shard, not one declared output per PNG.
+rule pseudo_labels:
+    input:
+        checkpoint=results("checkpoints", "warmup.pt"),
+        manifest=results("manifests", "target_train.json"),
+        prototypes=results("maps", "prototypes.h5"),
+    output:
+        labels=directory(results("pseudo_labels", "maps", "shard_{shard}")),
+        statistics=results("pseudo_labels", "maps", "shard_{shard}.json"),
+    params:
+        settings=maps_pseudo_label_settings(),
+        shard_index=lambda wildcards: int(wildcards.shard),
+        shard_count=len(maps_shards()),
+        code_version=CODE_VERSION,
+    wildcard_constraints:
+        shard=r"\d+",
+    threads: config["threads"]["evaluate"]
+    resources:
+        gpu=1,
+    conda:
+        CONDA_ENV
+    log:
+        log_path("pseudo_labels", "shard_{shard}"),
+    script:
+        "../workflow_scripts/pseudo_labels.py"
+
+
+rule merge_pseudo_labels:
+    input:
+        statistics=expand(results("pseudo_labels", "maps", "shard_{shard}.json"), shard=maps_shards()),
+        labels=expand(results("pseudo_labels", "maps", "shard_{shard}"), shard=maps_shards()),
+    output:
+        summary=results("pseudo_labels", "maps", "summary.json"),
+    params:
+        code_version=CODE_VERSION,
+    threads: 1
+    conda:
+        CONDA_ENV
+    log:
+        log_path("merge_pseudo_labels"),
+    script:
+        "../workflow_scripts/pseudo_labels.py"
+
+
+# BiSMAP Table 5 on the labelled target-train: every strategy over its sweep.
+rule pseudo_label_report:
+    input:
+        unpack(pseudo_label_report_inputs),
+        checkpoint=results("checkpoints", "warmup.pt"),
+        manifest=results("manifests", "target_train.json"),
+    output:
+        markdown=results("pseudo_label_report", "table.md"),
+        json=results("pseudo_label_report", "table.json"),
+        plot=results("pseudo_label_report", "accuracy_vs_coverage.png"),
+    params:
+        settings={key: value for key, value in pseudo_label_report_settings().items() if key != "enabled"},
+        code_version=CODE_VERSION,
+    threads: config["threads"]["evaluate"]
+    resources:
+        gpu=1,
+    conda:
+        CONDA_ENV
+    log:
+        log_path("pseudo_label_report"),
+    script:
+        "../workflow_scripts/pseudo_label_report.py"

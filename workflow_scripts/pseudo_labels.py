@@ -1,0 +1,26 @@
+"""Rules pseudo_labels (one shard's MAPs PNGs, Eq. 6) and merge_pseudo_labels (summed statistics)."""
+
+from bismap.devices import acquire_devices
+from bismap.io import atomic_directory, write_json
+from bismap.pseudo_labels import PseudoLabelSettings, label_images, merge_label_statistics
+from bismap.runtime import rule_context
+from bismap.settings import from_dict
+
+with rule_context(snakemake.log[0], snakemake.threads):
+    if snakemake.rule == "merge_pseudo_labels":
+        summary = merge_label_statistics(list(snakemake.input.statistics))
+        write_json(snakemake.output.summary, {**summary, "label_dirs": list(snakemake.input.labels)})
+    else:
+        with acquire_devices(snakemake.resources.get("gpu", 0)) as device, \
+                atomic_directory(snakemake.output.labels) as folder:  # complete folder or none
+            label_images(
+                checkpoint_path=snakemake.input.checkpoint,
+                manifest_path=snakemake.input.manifest,
+                prototypes_path=snakemake.input.prototypes,
+                output_dir=folder,
+                shard_index=snakemake.params.shard_index,
+                shard_count=snakemake.params.shard_count,
+                settings=from_dict(PseudoLabelSettings, snakemake.params.settings, "maps.pseudo_labels"),
+                device=device,
+                statistics_path=snakemake.output.statistics,
+            )
