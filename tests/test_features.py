@@ -24,13 +24,7 @@ from bismap.training.checkpoint import save_checkpoint
 CLASSES = ["zero", "one", "two"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one thread avoids OpenMP oversubscription on a shared 2-core machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_downsample_label_takes_the_centre_pixel_of_each_cell():

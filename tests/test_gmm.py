@@ -17,13 +17,7 @@ from bismap.mixture import precision_cholesky
 from bismap.settings import from_dict
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one thread avoids OpenMP oversubscription on a shared 2-core machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def random_mixture(rng: np.random.Generator, components: int, dim: int, covariance: str) -> GaussianMixture:

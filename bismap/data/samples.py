@@ -45,7 +45,7 @@ def open_label_array(path: str | Path) -> np.ndarray:
     """Read a label PNG as stored (uint8 or uint16, 2-D or 3-D) without conversion."""
     try:
         with Image.open(path) as image:
-            return np.asarray(image)
+            return np.array(image)  # a writable copy: torch.from_numpy warns on read-only arrays
     except FileNotFoundError as error:
         raise DatasetError(f"missing label file: {path}") from error
     except (UnidentifiedImageError, OSError, SyntaxError) as error:
