@@ -60,6 +60,7 @@ def shrink(config: dict) -> dict:
     config["oracle"]["training"] = copy.deepcopy(training)
     config["evaluate"].update(batch_size=1, workers=0)
     config["gpa"].update(enabled=True, max_images=2, preview_rows=2)
+    config["maps"]["enabled"] = False  # 19 per-class GMM jobs; the MAPs stages have their own tests
     return config
 
 
@@ -79,8 +80,9 @@ def test_paper_config_plans_gpu_jobs_and_gpa(source, dataset_roots, tmp_path):
     result = run_snakemake(tmp_path, write_config(tmp_path / "paper.yaml", config), "-n")
     jobs = planned_jobs(result.stdout)
     assert jobs == {"index_dataset": 3, "gpa_statistics": 1, "warmup": 1, "oracle": 1, "evaluate": 2,
-                    "report": 1, "all": 1}
-    for rule in ("warmup", "evaluate", "oracle"):
+                    "report": 1, "extract_source_features": 1, "fit_class_gmm": 19, "merge_class_gmms": 1,
+                    "pseudo_labels": 4, "merge_pseudo_labels": 1, "all": 1}
+    for rule in ("warmup", "evaluate", "oracle", "extract_source_features", "pseudo_labels"):
         assert re.search(r"resources: .*\bgpu=1\b", job_block(result.stdout, rule)), rule
     assert "gpa/target_statistics.json" in job_block(result.stdout, "warmup").split("\n")[0]
     assert "gpa" not in job_block(result.stdout, "oracle").split("\n")[0]
