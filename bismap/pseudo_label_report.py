@@ -287,48 +287,22 @@ def plot_report(report: dict[str, Any], path: str | Path) -> None:
     plt.close(figure)
 
 
-@torch.no_grad()
 def pseudo_label_report(checkpoint_path: str | Path, manifest_path: str | Path, prototypes_path: str | Path | None,
                         paths: ReportPaths, settings: ReportSettings, device: torch.device) -> dict[str, Any]:
     """Score every target-train image once per strategy, sweep the thresholds, write Markdown, JSON and PNG."""
     model, checkpoint = load_model(checkpoint_path, device)
     model.eval()
     class_names = list(checkpoint["class_names"])
-    classes = len(class_names)
-    sweeps = settings.strategies.items()
-    prototypes, percentile_thresholds = None, None
-    if any(name in ("maps", "cas") for name, _ in sweeps):
-        if prototypes_path is None:
-            raise ValueError("strategies maps and cas need a prototypes file")
-        prototypes = ClassPrototypes.load(prototypes_path, device)
-        if list(prototypes.class_names) != class_names:
-            raise ValueError(f"prototypes {prototypes_path} are for classes {list(prototypes.class_names)}, "
-                             f"the checkpoint for {class_names}")
-        maps = settings.strategies.maps
-        if maps is not None and maps.threshold_mode == "percentile":
-            percentile_thresholds = [torch.from_numpy(prototypes.percentile_thresholds(value)).to(device)
-                                     for value in maps.thresholds]
+    prototypes, percentile_thresholds = _load_prototypes(prototypes_path, settings, class_names, device)
     manifest = Manifest.load(manifest_path)
-    dataset = SegmentationDataset(manifest, labelled=True)  # the report needs every label: fails naming one missing
-    loader = DataLoader(dataset, batch_size=None, num_workers=settings.workers)
-    counts = {name: SweepCounts(sweep.thresholds, classes) for name, sweep in sweeps}
-    truth_per_class = np.zeros(classes + 1, dtype=np.int64)
-    total_pixels = 0
-    for item in tqdm(loader, desc="pseudo-label report", unit="img"):
-        output = model(item["image"][None].to(device))  # one image at a time, as label_images
-        logits, features = output.logits[0], output.features[0]
-        truth = cell_truth_counts(item["label"].to(device), tuple(logits.shape[-2:]), classes)  # (h*w, C+1)
-        truth_per_class += truth.sum(dim=0).cpu().numpy()
-        total_pixels += item["label"].numel()
-        for name, (labels, kept) in _score_strategies(logits, features, settings, prototypes,
-                                                      percentile_thresholds).items():
-            counts[name].add(labels, kept, truth)
+    counts, truth_per_class, total_pixels = _accumulate(model, manifest, settings, prototypes,
+                                                        percentile_thresholds, len(class_names), device)
     report: dict[str, Any] = {"class_names": class_names, "images": len(manifest.samples),
                               "total_pixels": total_pixels, "checkpoint": str(checkpoint_path),
                               "manifest": str(manifest_path), "strategies": {}}
-    for name, sweep in sweeps:
+    for name, sweep in settings.strategies.items():
         entry: dict[str, Any] = {"rows": _rows(counts[name].counts, sweep.thresholds, total_pixels,
-                                               truth_per_class[:classes], class_names)}
+                                               truth_per_class[:len(class_names)], class_names)}
         if name == "maps":
             entry["threshold_mode"] = sweep.threshold_mode
             if percentile_thresholds is not None:
@@ -344,3 +318,43 @@ def pseudo_label_report(checkpoint_path: str | Path, manifest_path: str | Path, 
                                                  f"acc {_percent(row['accuracy'])} mIoU {_percent(row['miou'])}"
                                                  for row in entry["rows"]))
     return report
+
+
+def _load_prototypes(prototypes_path: str | Path | None, settings: ReportSettings, class_names: list[str],
+                     device: torch.device) -> tuple[ClassPrototypes | None, list[torch.Tensor] | None]:
+    """The MAPs file when maps or cas is swept, and the per-class thresholds of a percentile sweep."""
+    if not any(name in ("maps", "cas") for name, _ in settings.strategies.items()):
+        return None, None
+    if prototypes_path is None:
+        raise ValueError("strategies maps and cas need a prototypes file")
+    prototypes = ClassPrototypes.load(prototypes_path, device)
+    if list(prototypes.class_names) != class_names:
+        raise ValueError(f"prototypes {prototypes_path} are for classes {list(prototypes.class_names)}, "
+                         f"the checkpoint for {class_names}")
+    maps = settings.strategies.maps
+    if maps is None or maps.threshold_mode != "percentile":
+        return prototypes, None
+    return prototypes, [torch.from_numpy(prototypes.percentile_thresholds(value)).to(device)
+                        for value in maps.thresholds]
+
+
+@torch.no_grad()
+def _accumulate(model: torch.nn.Module, manifest: Manifest, settings: ReportSettings,
+                prototypes: ClassPrototypes | None, percentile_thresholds: list[torch.Tensor] | None,
+                classes: int, device: torch.device) -> tuple[dict[str, SweepCounts], np.ndarray, int]:
+    """One pass over target-train: every strategy's sweep counts, truth pixels per class, all pixels."""
+    dataset = SegmentationDataset(manifest, labelled=True)  # the report needs every label: fails naming one missing
+    loader = DataLoader(dataset, batch_size=None, num_workers=settings.workers)
+    counts = {name: SweepCounts(sweep.thresholds, classes) for name, sweep in settings.strategies.items()}
+    truth_per_class = np.zeros(classes + 1, dtype=np.int64)
+    total_pixels = 0
+    for item in tqdm(loader, desc="pseudo-label report", unit="img"):
+        output = model(item["image"][None].to(device))  # one image at a time, as label_images
+        logits, features = output.logits[0], output.features[0]
+        truth = cell_truth_counts(item["label"].to(device), tuple(logits.shape[-2:]), classes)  # (h*w, C+1)
+        truth_per_class += truth.sum(dim=0).cpu().numpy()
+        total_pixels += item["label"].numel()
+        for name, (labels, kept) in _score_strategies(logits, features, settings, prototypes,
+                                                      percentile_thresholds).items():
+            counts[name].add(labels, kept, truth)
+    return counts, truth_per_class, total_pixels
