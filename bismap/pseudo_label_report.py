@@ -50,7 +50,8 @@ from bismap.data.samples import IGNORE_INDEX
 from bismap.gmm import ClassPrototypes, torch_dtype
 from bismap.io import atomic_path, write_json, write_text
 from bismap.metrics import intersection_over_union
-from bismap.pseudo_labels import STRATEGIES, THRESHOLD_MODES, assign_cas, assign_confidence, assign_maps
+from bismap.pseudo_labels import (STRATEGIES, THRESHOLD_MODES, assign_cas, assign_confidence, assign_maps,
+                                  load_matching_prototypes)
 from bismap.training.checkpoint import load_model
 
 logger = logging.getLogger(__name__)
@@ -327,10 +328,7 @@ def _load_prototypes(prototypes_path: str | Path | None, settings: ReportSetting
         return None, None
     if prototypes_path is None:
         raise ValueError("strategies maps and cas need a prototypes file")
-    prototypes = ClassPrototypes.load(prototypes_path, device)
-    if list(prototypes.class_names) != class_names:
-        raise ValueError(f"prototypes {prototypes_path} are for classes {list(prototypes.class_names)}, "
-                         f"the checkpoint for {class_names}")
+    prototypes = load_matching_prototypes(prototypes_path, class_names, device)
     maps = settings.strategies.maps
     if maps is None or maps.threshold_mode != "percentile":
         return prototypes, None

@@ -213,16 +213,22 @@ def merge_label_statistics(parts: Sequence[dict[str, Any] | str | Path]) -> dict
     return summarize_label_statistics(counts)
 
 
+def load_matching_prototypes(path: str | Path, class_names: list[str], device: torch.device) -> ClassPrototypes:
+    """The MAPs file, refused when it was fitted for other classes than the checkpoint predicts."""
+    prototypes = ClassPrototypes.load(path, device)
+    if list(prototypes.class_names) != class_names:
+        raise ValueError(f"prototypes {path} are for classes {list(prototypes.class_names)}, "
+                         f"the checkpoint for {class_names}")
+    return prototypes
+
+
 def _load_prototypes(path: str | Path | None, settings: PseudoLabelSettings, class_names: list[str],
                      device: torch.device) -> ClassPrototypes | None:
     if settings.strategy not in ("maps", "cas"):
         return None
     if path is None:
         raise ValueError(f"pseudo-label strategy '{settings.strategy}' needs a prototypes file")
-    prototypes = ClassPrototypes.load(path, device)
-    if list(prototypes.class_names) != class_names:
-        raise ValueError(f"prototypes {path} are for classes {list(prototypes.class_names)}, "
-                         f"the checkpoint for {class_names}")
+    prototypes = load_matching_prototypes(path, class_names, device)
     if settings.strategy == "cas" and prototypes.centroids is None:
         raise ValueError(f"prototypes {path} carry no class centroids, which strategy 'cas' needs")
     return prototypes

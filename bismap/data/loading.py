@@ -146,6 +146,7 @@ class ResumableBatchSampler(Sampler[list[tuple[int, int]]]):
             raise ValueError("cannot sample batches from an empty dataset")
         self.num_samples, self.batch_size, self.seed = num_samples, batch_size, seed
         self.iterations, self.start_iteration = iterations, start_iteration
+        self._cached_epoch, self._cached_order = -1, np.empty(0, dtype=np.int64)
 
     def __len__(self) -> int:
         return max(0, self.iterations - self.start_iteration)
@@ -161,7 +162,7 @@ class ResumableBatchSampler(Sampler[list[tuple[int, int]]]):
         return int(order[offset]), (self.seed * 1_000_003 + position) % (2**31)
 
     def _permutation(self, epoch: int) -> np.ndarray:
-        if getattr(self, "_cached_epoch", None) != epoch:
+        if self._cached_epoch != epoch:
             self._cached_order = np.random.default_rng([self.seed, epoch]).permutation(self.num_samples)
             self._cached_epoch = epoch
         return self._cached_order
