@@ -14,7 +14,9 @@ with rule_context(snakemake.log[0], snakemake.threads):
         loss_log=Path(snakemake.output.loss_log),
         state=Path(snakemake.params.state),
     )
-    with acquire_devices(snakemake.resources.get("gpu", 0)) as device:
+    # resources gpu=N (e.g. --set-resources warmup:gpu=4): N processes, one per GPU, same global batch
+    gpus = int(snakemake.resources.get("gpu", 0))
+    with acquire_devices(gpus) as device:
         train_supervised(
             manifest_path=snakemake.input.manifest,
             paths=paths,
@@ -22,6 +24,7 @@ with rule_context(snakemake.log[0], snakemake.threads):
             model_settings=from_dict(ModelSettings, snakemake.params.model, "model"),
             class_names=snakemake.params.class_names,
             device=device,
+            world_size=max(1, gpus),
             imagenet_weights=snakemake.input.get("imagenet"),
             run_settings={"training": snakemake.params.training, "model": snakemake.params.model},
             photometric_statistics_path=snakemake.input.get("photometric_statistics"),  # warmup with GPA only

@@ -3,6 +3,14 @@
 Read it top to bottom: build, maybe resume, loop, save. The loss is plain
 pixel-wise cross-entropy with ignore label 255 on logits upsampled to the
 label size.
+
+With ``world_size`` N > 1 the same loop runs in N processes, one per device
+(:mod:`bismap.training.distributed`): each takes its contiguous slice of the
+global batch of ``batch_size`` samples, BatchNorm is synchronised, and the
+loss is the mean over the valid pixels of the *global* batch, so the schedule
+and the numbers do not depend on N. Only rank 0 logs, shows the progress bar
+and writes the checkpoint, the loss log and the resume state; a resume state
+continues with any N.
 """
 
 from __future__ import annotations
@@ -26,6 +34,10 @@ from bismap.data.samples import IGNORE_INDEX
 from bismap.io import write_text
 from bismap.models import ModelSettings, build_model
 from bismap.training.checkpoint import fingerprint, load_resume_state, save_checkpoint, save_resume_state
+from bismap.training.distributed import (DistributedContext, RankSliceBatchSampler, all_reduce_mean,
+                                         capture_rng, global_mean_loss, launch, local_batch_size,
+                                         process_devices, restore_rng, seed_rank_rng, unwrap_model,
+                                         wrap_model)
 from bismap.training.optim import OptimizerSettings, make_optimizer, set_poly_learning_rate
 
 logger = logging.getLogger(__name__)
@@ -34,9 +46,9 @@ logger = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class TrainSettings:
     iterations: int
-    batch_size: int
+    batch_size: int  # the global batch, split over the processes of a multi-GPU run
     seed: int = 0
-    workers: int = 0
+    workers: int = 0  # DataLoader workers per process
     amp: bool = True  # mixed precision, on CUDA only
     log_interval: int = 50
     checkpoint_interval: int = 500
@@ -51,6 +63,35 @@ class RunPaths:
     state: Path  # resume state, outside the outputs
 
 
+@dataclass(frozen=True)
+class _TrainJob:
+    """What every process needs to train (it is pickled to the child processes)."""
+
+    manifest_path: str | Path
+    paths: RunPaths
+    settings: TrainSettings
+    model_settings: ModelSettings
+    class_names: list[str]
+    imagenet_weights: str | Path | None
+    run_settings: dict[str, Any] | None
+    photometric_statistics_path: str | Path | None
+
+
+@dataclass
+class _Run:
+    """One process's training objects after setup (``network`` is ``model``, DDP-wrapped with N > 1)."""
+
+    model: torch.nn.Module
+    network: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    use_amp: bool
+    run_id: str
+    start: int
+    history: list[tuple[int, float, float, float]]
+    loader: DataLoader
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -60,93 +101,139 @@ def seed_everything(seed: int) -> None:
 def train_supervised(manifest_path: str | Path, paths: RunPaths, settings: TrainSettings,
                      model_settings: ModelSettings, class_names: list[str], device: torch.device,
                      imagenet_weights: str | Path | None = None, run_settings: dict[str, Any] | None = None,
-                     photometric_statistics_path: str | Path | None = None) -> None:
-    """``photometric_statistics_path``: stylize every image by GPA (BiSMAP Sec. 3.5) in the loader."""
-    seed_everything(settings.seed)
-    manifest = Manifest.load(manifest_path)
-    photometric = load_statistics(photometric_statistics_path) if photometric_statistics_path else None
-    model = build_model(model_settings, len(class_names), imagenet_weights).to(device)
-    optimizer = make_optimizer(model, settings.optimizer)
-    use_amp = settings.amp and device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-    extra = [photometric] if photometric else []  # GPA statistics shape training too (only hashed when used)
-    run_id = fingerprint(run_settings, str(manifest_path), len(manifest.samples), *extra)
-    state = load_resume_state(paths.state, run_id)
-    start, history = (state["iteration"], state["history"]) if state else (0, [])
-    if state:
-        _restore(state, model, optimizer, scaler)
-    loader = _make_loader(manifest, settings, start, photometric)
-    model.train()
-    progress = tqdm(loader, total=settings.iterations, initial=start, desc=paths.checkpoint.stem, unit="it")
+                     photometric_statistics_path: str | Path | None = None, world_size: int = 1) -> None:
+    """``photometric_statistics_path``: stylize every image by GPA (BiSMAP Sec. 3.5) in the loader.
+
+    ``device``: what ``acquire_devices(world_size)`` yielded; ``world_size`` > 1 trains in that
+    many processes, one per acquired GPU (or CPU processes with gloo when there is no CUDA).
+    """
+    local_batch_size(settings.batch_size, world_size)  # an uneven split fails here, naming both values
+    job = _TrainJob(str(manifest_path), paths, settings, model_settings, list(class_names),  # plain types: pickled
+               _optional_str(imagenet_weights), run_settings, _optional_str(photometric_statistics_path))
+    launch(_train, process_devices(device, world_size), job)
+
+
+def _train(context: DistributedContext, job: _TrainJob) -> None:
+    """One process's share of the training; rank 0 writes the outputs."""
+    run = _setup(context, job)
+    history, settings = run.history, job.settings
+    progress = tqdm(run.loader, total=settings.iterations, initial=run.start, desc=job.paths.checkpoint.stem,
+                    unit="it", disable=not context.is_main)
     started = time.perf_counter()
-    for iteration, batch in enumerate(progress, start=start):
-        learning_rate = set_poly_learning_rate(optimizer, settings.optimizer, iteration, settings.iterations)
-        loss = _train_step(model, batch, optimizer, scaler, device, use_amp)
+    for iteration, batch in enumerate(progress, start=run.start):
+        learning_rate = set_poly_learning_rate(run.optimizer, settings.optimizer, iteration, settings.iterations)
+        loss = _train_step(run.network, batch, run.optimizer, run.scaler, context, run.use_amp)
         history.append((iteration + 1, loss, learning_rate, time.perf_counter() - started))
         progress.set_postfix(loss=f"{loss:.3f}")
-        if (iteration + 1) % settings.log_interval == 0:
+        if (iteration + 1) % settings.log_interval == 0 and context.is_main:
             window = [row[1] for row in history[-settings.log_interval:]]
             logger.info("iteration %d/%d loss %.4f lr %.2e", iteration + 1, settings.iterations,
                         float(np.mean(window)), learning_rate)
         if (iteration + 1) % settings.checkpoint_interval == 0 and iteration + 1 < settings.iterations:
-            save_resume_state(paths.state, _state(run_id, iteration + 1, history, model, optimizer, scaler))
-    save_checkpoint(paths.checkpoint, model, model_settings, class_names, settings.iterations, run_settings or {})
-    write_text(paths.loss_log, _loss_table(history))
-    paths.state.unlink(missing_ok=True)
+            state = _state(run.run_id, iteration + 1, history, run.model, run.optimizer, run.scaler, context)
+            if context.is_main:  # every rank took part above: the RNG states are gathered
+                save_resume_state(job.paths.state, state)
+    if context.is_main:
+        save_checkpoint(job.paths.checkpoint, run.model, job.model_settings, job.class_names,
+                        settings.iterations, job.run_settings or {})
+        write_text(job.paths.loss_log, _loss_table(history))
+        job.paths.state.unlink(missing_ok=True)
+
+
+def _setup(context: DistributedContext, job: _TrainJob) -> _Run:
+    """Build the model (same weights on every rank), resume if a matching state exists, wrap, load."""
+    settings = job.settings
+    seed_everything(settings.seed)
+    manifest = Manifest.load(job.manifest_path)
+    photometric = load_statistics(job.photometric_statistics_path) if job.photometric_statistics_path else None
+    model = build_model(job.model_settings, len(job.class_names), job.imagenet_weights).to(context.device)
+    optimizer = make_optimizer(model, settings.optimizer)
+    use_amp = settings.amp and context.device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    extra = [photometric] if photometric else []  # GPA statistics shape training too (only hashed when used)
+    run_id = fingerprint(job.run_settings, str(job.manifest_path), len(manifest.samples), *extra)
+    state = load_resume_state(job.paths.state, run_id)  # saved by any number of processes
+    start, history = (state["iteration"], state["history"]) if state else (0, [])
+    if state:
+        _restore(state, model, optimizer, scaler, context, settings.seed)
+    else:
+        seed_rank_rng(settings.seed, context)  # ranks > 0 draw their own dropout masks
+    network = wrap_model(model, context)  # SyncBN + DDP with several processes, else the model itself
+    model = unwrap_model(network)  # what is saved: the network without DDP's "module." prefix
+    loader = _make_loader(manifest, settings, start, photometric, context)
+    network.train()
+    return _Run(model, network, optimizer, scaler, use_amp, run_id, start, history, loader)
 
 
 def _make_loader(manifest: Manifest, settings: TrainSettings, start: int,
-                 photometric_statistics: dict[str, Any] | None = None) -> DataLoader:
-    if photometric_statistics is not None:
+                 photometric_statistics: dict[str, Any] | None = None,
+                 context: DistributedContext | None = None) -> DataLoader:
+    context = context or DistributedContext()
+    if photometric_statistics is not None and context.is_main:
         logger.info("images stylized on the fly by GPA (BiSMAP Sec. 3.5) to target statistics of %d image(s)",
                     photometric_statistics.get("num_images", 0))
     dataset = SegmentationDataset(manifest, train_augmentation(settings.augment), labelled=True,
                                   photometric_statistics=photometric_statistics)
+    # The global batch of (index, augmentation seed) is fixed by (seed, iteration); each rank loads its slice.
     sampler = ResumableBatchSampler(len(dataset), settings.batch_size, settings.seed, settings.iterations, start)
     # Its own generator: creating the iterator must not draw from the global RNG,
     # whose state the resume checkpoint restores (dropout draws from it).
     generator = torch.Generator().manual_seed(settings.seed)
-    return DataLoader(dataset, batch_sampler=sampler, num_workers=settings.workers, generator=generator,
-                      persistent_workers=settings.workers > 0, pin_memory=torch.cuda.is_available())
+    return DataLoader(dataset, batch_sampler=RankSliceBatchSampler(sampler, context), num_workers=settings.workers,
+                      generator=generator, persistent_workers=settings.workers > 0,
+                      pin_memory=torch.cuda.is_available())
 
 
 def _train_step(model: torch.nn.Module, batch: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
-                scaler: torch.amp.GradScaler, device: torch.device, use_amp: bool) -> float:
-    images = batch["image"].to(device, non_blocking=True)  # (B, 3, H, W)
-    labels = batch["label"].to(device, non_blocking=True)  # (B, H, W)
+                scaler: torch.amp.GradScaler, context: DistributedContext, use_amp: bool) -> float:
+    """One SGD step on this rank's slice; returns the loss of the global batch."""
+    device = context.device
+    images = batch["image"].to(device, non_blocking=True)  # (B/N, 3, H, W)
+    labels = batch["label"].to(device, non_blocking=True)  # (B/N, H, W)
     with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
-        logits = model(images).logits  # (B, K, H/4, W/4)
+        logits = model(images).logits  # (B/N, K, H/4, W/4)
         logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
-        loss = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX)
+        loss = _pixel_loss(logits.float(), labels, context)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     scaler.step(optimizer)
     scaler.update()
-    return float(loss.detach())
+    return float(all_reduce_mean(loss.detach(), context))
 
 
-def _state(run_id: str, iteration: int, history: list, model: torch.nn.Module,
-           optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> dict[str, Any]:
+def _pixel_loss(logits: torch.Tensor, labels: torch.Tensor, context: DistributedContext) -> torch.Tensor:
+    """Cross-entropy averaged over the valid pixels of the global batch. logits (b, K, H, W), labels (b, H, W)."""
+    if not context.distributed:
+        return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX)
+    # Ranks hold different numbers of valid pixels: sum here, divide by the global count.
+    pixel_sum = F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    return global_mean_loss(pixel_sum, (labels != IGNORE_INDEX).sum(), context)
+
+
+def _state(run_id: str, iteration: int, history: list, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+           scaler: torch.amp.GradScaler, context: DistributedContext) -> dict[str, Any]:
+    """The resume state (collective with several processes: the RNG states are gathered)."""
     return {
         "fingerprint": run_id,
         "iteration": iteration,
         "history": history,
-        "model": model.state_dict(),
+        "model": model.state_dict(),  # the unwrapped network: no "module." prefix, loads with any N
         "optimizer": optimizer.state_dict(),
         "scaler": scaler.state_dict(),
-        "torch_rng": torch.get_rng_state(),
-        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        **capture_rng(context),
     }
 
 
 def _restore(state: dict[str, Any], model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-             scaler: torch.amp.GradScaler) -> None:
+             scaler: torch.amp.GradScaler, context: DistributedContext, seed: int) -> None:
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scaler.load_state_dict(state["scaler"])
-    torch.set_rng_state(state["torch_rng"])
-    if state["cuda_rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    restore_rng(state, context, seed)
+
+
+def _optional_str(path: str | Path | None) -> str | None:
+    return None if path is None else str(path)
 
 
 def _loss_table(history: list[tuple[int, float, float, float]]) -> str:
