@@ -221,6 +221,10 @@ def acquire_devices(
     the index of the first taken device among the visible ones is yielded instead.
     """
     _check_args(count, timeout_s, poll_s)
+    if devices is None and count > 0 and not torch.cuda.is_available():
+        if os.environ.get(CUDA_ENV):  # e.g. a scheduler's GPU allocation on a machine without a driver
+            logger.warning("%s=%s but CUDA is not available: running on CPU", CUDA_ENV, os.environ[CUDA_ENV])
+        devices = []
     devices = visible_devices() if devices is None else list(devices)
     if not devices or count == 0:
         logger.info("no CUDA device; running on CPU")

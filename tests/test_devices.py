@@ -210,3 +210,12 @@ def test_default_lock_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> No
     monkeypatch.setenv("BISMAP_GPU_LOCK_DIR", str(tmp_path / "x"))
     assert devmod.default_lock_dir() == tmp_path / "x"
     assert devmod.lock_path(tmp_path, "MIG-GPU-ab/1/0").name == "gpu-MIG-GPU-ab_1_0.lock"
+
+
+def test_gpu_ids_without_a_working_cuda_run_on_cpu(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A scheduler may set CUDA_VISIBLE_DEVICES on a machine whose CUDA does not work (the SLURM test's fake GPUs)."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with acquire_devices(1, lock_dir=tmp_path) as device:
+        assert device == torch.device("cpu")
+    assert not list(tmp_path.iterdir())  # no slot was locked
