@@ -12,7 +12,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -70,3 +70,25 @@ def write_png(path: str | os.PathLike[str], array: np.ndarray) -> None:
     """Write a uint8 (H, W) or (H, W, 3) array as PNG, atomically."""
     with atomic_path(path) as temporary:
         Image.fromarray(array).save(temporary, format="PNG")
+
+
+def shard_png_paths(directories: Sequence[str | os.PathLike[str]], kind: str = "PNG",
+                    expected_names: Sequence[str] | None = None) -> dict[str, Path]:
+    """Sample name -> ``<name>.png`` over the shard folders of a sharded stage (pseudo-labels, weight maps).
+
+    A missing folder, a name found in two folders or (with ``expected_names``)
+    a sample without a PNG raises, naming them; ``kind`` names the files in the message.
+    """
+    paths: dict[str, Path] = {}
+    for directory in map(Path, directories):
+        if not directory.is_dir():
+            raise FileNotFoundError(f"{kind} folder {directory} does not exist")
+        for png in sorted(directory.glob("*.png")):
+            if png.stem in paths:
+                raise ValueError(f"{kind} '{png.stem}' found twice: {paths[png.stem]} and {png}")
+            paths[png.stem] = png
+    missing = sorted(set(expected_names or ()) - set(paths))
+    if missing:
+        raise FileNotFoundError(f"no {kind} for {len(missing)} image(s) {missing[:10]} "
+                                f"in {[str(directory) for directory in directories]}")
+    return paths

@@ -59,6 +59,7 @@ class PseudoLabelSettings:
     margin: float = 1.0  # cas: CAG-UDA Delta_d (BiSMAP Table 5: 0.5-2)
     confidence: float = 0.9  # confidence: minimum softmax maximum
     fraction: float = 0.5  # confidence_balanced: share kept per predicted class and image
+    flip_average: bool = False  # confidence strategies: average the softmax of x and of its mirror (ProDA)
     score_dtype: str = "float32"  # of the GMM and distance scoring
     chunk_rows: int = 65_536
     workers: int = 0
@@ -69,6 +70,8 @@ class PseudoLabelSettings:
         if self.threshold_mode not in THRESHOLD_MODES:
             raise ValueError(f"pseudo_labels.threshold_mode must be one of {THRESHOLD_MODES}, "
                              f"got '{self.threshold_mode}'")
+        if self.flip_average and not self.strategy.startswith("confidence"):
+            raise ValueError(f"pseudo_labels.flip_average needs a confidence strategy, not '{self.strategy}'")
         if not 0.0 <= self.fraction <= 1.0 or not 0.0 <= self.percentile <= 100.0:
             raise ValueError("pseudo_labels.fraction must be in [0, 1] and percentile in [0, 100]")
 
@@ -151,6 +154,12 @@ def label_map(logits: torch.Tensor, features: torch.Tensor, settings: PseudoLabe
     else:
         labels, _ = assign_confidence_balanced(logits.flatten(1).T, settings.fraction)
     return labels.view(size)
+
+
+def flip_averaged_logits(model: torch.nn.Module, image: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """log of the mean softmax of (1, 3, H, W) ``image`` and of its mirror image, mirrored back: (1, K, h, w)."""
+    mirrored = model(image.flip(-1)).logits.flip(-1)  # (1, K, h, w)
+    return ((logits.softmax(dim=1) + mirrored.softmax(dim=1)) / 2).log()
 
 
 def upsample_labels(labels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -258,8 +267,10 @@ def label_images(checkpoint_path: str | Path, manifest_path: str | Path, prototy
     loader = DataLoader(dataset, batch_size=None, num_workers=settings.workers)
     statistics = LabelStatistics(class_names)
     for item in tqdm(loader, desc=f"pseudo-labels {shard_index + 1}/{shard_count}", unit="img"):
-        output = model(item["image"][None].to(device))  # one image at a time: shard-independent results
-        labels = label_map(output.logits[0], output.features[0], settings, prototypes, thresholds)  # (h, w)
+        image = item["image"][None].to(device)  # one image at a time: shard-independent results
+        output = model(image)
+        logits = flip_averaged_logits(model, image, output.logits) if settings.flip_average else output.logits
+        labels = label_map(logits[0], output.features[0], settings, prototypes, thresholds)  # (h, w)
         image_labels = upsample_labels(labels, tuple(item["image"].shape[-2:])).cpu().numpy()  # (H, W)
         write_png(Path(output_dir) / f"{manifest.samples[item['index']].name}.png", image_labels)
         statistics.add(image_labels, item["label"].numpy() if has_truth else None)

@@ -1,30 +1,86 @@
-"""The summary table across models: per-class IoU, mIoU, and the source-to-oracle gap."""
+"""The results report: one table of every evaluated model, laid out like BiSMAP Tables 1 and 4.
+
+Rows are the models in pipeline order (warmup, each self-training variant,
+distillation, the target oracle). Columns: the components a row uses (MAPs
+pseudo-labels, STM, consistency, distillation; BiSMAP Table 4), per-class IoU,
+mIoU, the gain over the warmup, and the share of the warmup-to-oracle gap the
+row closes::
+
+    gap closed = (mIoU_row - mIoU_warmup) / (mIoU_oracle - mIoU_warmup)
+
+A row that does worse than the warmup shows a negative gain and share.
+"""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from bismap.io import read_json, write_json, write_text
 from bismap.metrics import markdown_table
 
 logger = logging.getLogger(__name__)
 
+COMPONENTS = ("maps", "stm", "consistency", "distillation")
 
-def write_summary(metrics_paths: dict[str, str | Path], class_names: list[str],
-                  markdown_path: str | Path, json_path: str | Path) -> dict:
+
+def gains(rows: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, float | None]]:
+    """Per model: mIoU gain over 'warmup' and share (%) of the warmup-to-'oracle' gap closed (None if absent)."""
+    warmup = rows["warmup"]["miou"] if "warmup" in rows else None
+    oracle = rows["oracle"]["miou"] if "oracle" in rows else None
+    result = {}
+    for model, metrics in rows.items():
+        gain = None if warmup is None else metrics["miou"] - warmup
+        closed = None
+        if gain is not None and oracle is not None and oracle != warmup:
+            closed = 100.0 * gain / (oracle - warmup)
+        result[model] = {"gain_over_warmup": gain, "gap_closed_percent": closed}
+    return result
+
+
+def _signed(value: float | None) -> str:
+    return "-" if value is None else f"{value:+.1f}"
+
+
+def component_table(rows: Mapping[str, Mapping[str, Any]], components: Mapping[str, Mapping[str, bool]],
+                    model_gains: Mapping[str, Mapping[str, float | None]]) -> str:
+    """BiSMAP Table 4: which components each row uses, its mIoU, gain and gap share."""
+    header = "| model | MAPs | STM | consistency | distillation | mIoU | gain | gap closed % |"
+    lines = [header, "|---|---|---|---|---|---|---|---|"]
+    for model, metrics in rows.items():
+        used = components.get(model, {})
+        marks = " | ".join("✓" if used.get(name) else "" for name in COMPONENTS)
+        row_gains = model_gains[model]
+        lines.append(f"| {model} | {marks} | {metrics['miou']:.1f} | {_signed(row_gains['gain_over_warmup'])} | "
+                     f"{_signed(row_gains['gap_closed_percent'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_summary(metrics_paths: Mapping[str, str | Path], class_names: list[str],
+                  markdown_path: str | Path, json_path: str | Path,
+                  components: Mapping[str, Mapping[str, bool]] | None = None,
+                  figure_name: str | None = None) -> dict:
+    """Write the Markdown and JSON report; ``components``: per model, which of COMPONENTS it uses."""
     rows = {model: read_json(path) for model, path in metrics_paths.items()}
     evaluated = next(iter(rows.values()))["evaluated_classes"]
     shown = [class_names[index] for index in evaluated]
-    summary = {model: {"miou": metrics["miou"], "per_class_iou": metrics["per_class_iou"]}
-               for model, metrics in rows.items()}
-    text = "# Target-val results\n\n" + markdown_table(rows, shown)
+    model_gains = gains(rows)
+    summary: dict[str, Any] = {model: {"miou": metrics["miou"], "per_class_iou": metrics["per_class_iou"],
+                                       **model_gains[model], "components": dict((components or {}).get(model, {}))}
+                               for model, metrics in rows.items()}
+    text = "# Target-val results\n\n## Components (BiSMAP Table 4)\n\n"
+    text += component_table(rows, components or {}, model_gains)
+    text += "\n## Per-class IoU (BiSMAP Table 1)\n\n" + markdown_table(rows, shown)
     if "warmup" in rows and "oracle" in rows:
         gap = rows["oracle"]["miou"] - rows["warmup"]["miou"]
         summary["gap_warmup_to_oracle"] = gap
         text += f"\nGap between source-only warmup and target oracle: {gap:.1f} mIoU points.\n"
+    if figure_name:
+        text += f"\n## Qualitative results\n\n![image, truth and each model's prediction]({figure_name})\n"
     for model, metrics in rows.items():
-        logger.info("%s: mIoU %.2f", model, metrics["miou"])
+        logger.info("%s: mIoU %.2f (gain %s)", model, metrics["miou"], _signed(model_gains[model]["gain_over_warmup"]))
     write_text(markdown_path, text)
     write_json(json_path, summary)
     return summary

@@ -44,7 +44,7 @@ from bismap.data.loading import Manifest
 from bismap.data.photometric import load_statistics
 from bismap.data.samples import IGNORE_INDEX
 from bismap.embeddings import EmbeddingNetwork, embedding_dataset, upsampled_rows
-from bismap.io import atomic_path, read_json, write_json, write_png
+from bismap.io import atomic_path, read_json, shard_png_paths, write_json, write_png
 from bismap.pseudo_labels import shard_indices
 from bismap.stm import (WEIGHT_PNG_SCALE, MeanDistanceAccumulator, decode_weight_png, encode_weight_png,
                         transferability_weights)
@@ -189,19 +189,7 @@ def weight_map_paths(directories: Sequence[str | Path], expected_names: Sequence
                      ) -> dict[str, Path]:
     """Sample name -> weight map PNG over all shard folders; a name in two folders, a missing folder or
     (with ``expected_names``) a source image without a map raises, naming them."""
-    paths: dict[str, Path] = {}
-    for directory in map(Path, directories):
-        if not directory.is_dir():
-            raise FileNotFoundError(f"weight map folder {directory} does not exist")
-        for png in sorted(directory.glob("*.png")):
-            if png.stem in paths:
-                raise ValueError(f"weight map '{png.stem}' found twice: {paths[png.stem]} and {png}")
-            paths[png.stem] = png
-    missing = sorted(set(expected_names or ()) - set(paths))
-    if missing:
-        raise FileNotFoundError(f"no weight map for {len(missing)} source image(s) {missing[:10]} "
-                                f"in {[str(directory) for directory in directories]}")
-    return paths
+    return shard_png_paths(directories, "weight map", expected_names)
 
 
 @torch.no_grad()

@@ -12,12 +12,14 @@ import time
 from typing import TYPE_CHECKING
 
 import torch
+import torch.distributed as dist
 from torch.nn import functional as F
 
 from bismap.training.distributed import DistributedContext, all_reduce_mean, rank_slice, unwrap_model, wrap_model
 
 if TYPE_CHECKING:
     from bismap.models import ModelSettings
+    from bismap.training.selftrain import _SelfTrainJob
 
 
 def fail_on_rank_one(context: DistributedContext) -> int:
@@ -64,3 +66,26 @@ def _loss(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
 
     logits = F.interpolate(model(images).logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
     return _pixel_loss(logits, labels, context)  # the training loss: global mean over valid pixels
+
+
+def self_train_comparing_ranks(context: DistributedContext, job: _SelfTrainJob) -> list[bool]:
+    """``selftrain._self_train``; after each EMA update: do all ranks hold the same student and teacher, bit for bit?"""
+    from bismap.training import selftrain  # torchvision: only where needed (see the module docstring)
+
+    update, same = selftrain.update_ema, []
+
+    def update_then_compare(teacher: torch.nn.Module, student: torch.nn.Module, decay: float) -> None:
+        update(teacher, student, decay)
+        same.append(_same_on_every_rank(teacher, context) and _same_on_every_rank(student, context))
+
+    selftrain.update_ema = update_then_compare  # in this child process only
+    selftrain._self_train(context, job)
+    return same
+
+
+def _same_on_every_rank(module: torch.nn.Module, context: DistributedContext) -> bool:
+    """Every parameter and buffer equal to rank 0's (float64 holds float32 and the BN counters exactly)."""
+    mine = torch.cat([value.detach().double().flatten() for value in module.state_dict().values()])
+    everyone = [torch.empty_like(mine) for _ in range(context.world_size)]
+    dist.all_gather(everyone, mine)
+    return all(torch.equal(other, everyone[0]) for other in everyone)

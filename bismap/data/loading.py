@@ -6,7 +6,7 @@ samples of one domain; training, evaluation and every later stage read it.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,8 +20,17 @@ from torchvision.transforms.v2 import functional as F
 
 from bismap.data.formats import get_format
 from bismap.data.photometric import align_image
-from bismap.data.samples import IGNORE_INDEX, DatasetError, Sample, check_same_size, open_image
+from bismap.data.samples import (
+    IGNORE_INDEX,
+    DatasetError,
+    Sample,
+    check_same_size,
+    open_image,
+    open_label_array,
+    read_train_id_label,
+)
 from bismap.io import read_json
+from bismap.stm import decode_weight_png
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -71,11 +80,12 @@ class RandomScale(torch.nn.Module):
         super().__init__()
         self.scale_range = scale_range
 
-    def forward(self, image: tv_tensors.Image, mask: tv_tensors.Mask) -> tuple[tv_tensors.Image, tv_tensors.Mask]:
+    def forward(self, image: tv_tensors.Image, *masks: tv_tensors.Mask) -> tuple[torch.Tensor, ...]:
         low, high = self.scale_range
         scale = low + (high - low) * torch.rand(()).item()
         size = [max(1, round(image.shape[-2] * scale)), max(1, round(image.shape[-1] * scale))]
-        return F.resize(image, size, antialias=True), F.resize(mask, size)  # masks resize with nearest
+        # masks (labels, transferability weights) resize with nearest
+        return F.resize(image, size, antialias=True), *(F.resize(mask, size) for mask in masks)
 
 
 class SegmentationDataset(Dataset):
@@ -89,12 +99,25 @@ class SegmentationDataset(Dataset):
     :mod:`bismap.data.photometric`) every image is stylized to the target by
     Global Photometric Alignment (BiSMAP Sec. 3.5) right after reading, on the
     whole uint8 image and before any augmentation.
+
+    ``label_paths`` (sample name -> PNG of train ids) replaces the manifest's
+    labels, e.g. by pseudo-labels. ``weight_paths`` (sample name -> 16-bit
+    PNG) adds a per-pixel ``weight`` (H, W) float32, e.g. the source
+    transferability map (BiSMAP Eq. 9), moved by the same augmentation as the
+    image and set to 0 where the label is 255.
     """
 
     def __init__(self, manifest: Manifest, augmentation: v2.Transform | None = None, labelled: bool = True,
                  mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD,
-                 photometric_statistics: dict[str, Any] | None = None) -> None:
+                 photometric_statistics: dict[str, Any] | None = None,
+                 label_paths: Mapping[str, str | Path] | None = None,
+                 weight_paths: Mapping[str, str | Path] | None = None) -> None:
         self.manifest = manifest
+        self.label_paths, self.weight_paths = label_paths, weight_paths
+        for name, paths in (("label", label_paths), ("weight", weight_paths)):
+            missing = [sample.name for sample in manifest.samples if paths is not None and sample.name not in paths]
+            if missing:
+                raise DatasetError(f"no {name} map for {len(missing)} image(s), e.g. {missing[:3]}")
         self.photometric_statistics = photometric_statistics
         self.augmentation = augmentation
         self.labelled = labelled
@@ -115,22 +138,39 @@ class SegmentationDataset(Dataset):
             image_array = align_image(image_array, self.photometric_statistics)  # GPA, Sec. 3.5
         image = tv_tensors.Image(torch.from_numpy(image_array).permute(2, 0, 1))
         label_array = self._label(sample, image_array.shape)
-        mask = tv_tensors.Mask(torch.from_numpy(label_array))
+        masks = [tv_tensors.Mask(torch.from_numpy(label_array))]
+        if self.weight_paths is not None:
+            masks.append(tv_tensors.Mask(torch.from_numpy(self._weight(sample, image_array.shape))))
         if self.augmentation is not None:
             with torch.random.fork_rng(devices=[]):
                 if seed is not None:
                     torch.manual_seed(seed)
-                image, mask = self.augmentation(image, mask)
+                image, *masks = self.augmentation(image, *masks)
         pixels = F.normalize(F.to_dtype(image, torch.float32, scale=True), self.mean, self.std)
-        return {"image": pixels.as_subclass(torch.Tensor), "label": mask.as_subclass(torch.Tensor).long(),
-                "index": index}
+        label = masks[0].as_subclass(torch.Tensor).long()
+        item = {"image": pixels.as_subclass(torch.Tensor), "label": label, "index": index}
+        if self.weight_paths is not None:
+            item["weight"] = torch.where(label == IGNORE_INDEX, 0.0, masks[1].as_subclass(torch.Tensor))
+        return item
 
     def _label(self, sample: Sample, image_shape: tuple[int, ...]) -> np.ndarray:
-        if not self.labelled or sample.label is None:
+        if self.label_paths is not None:
+            label = read_train_id_label(self.label_paths[sample.name], self.manifest.num_classes)
+        elif not self.labelled or sample.label is None:
             return np.full(image_shape[:2], IGNORE_INDEX, dtype=np.uint8)
-        label = self.read_label(Path(sample.label), self.manifest.num_classes)  # (H, W) uint8
+        else:
+            label = self.read_label(Path(sample.label), self.manifest.num_classes)  # (H, W) uint8
         check_same_size(image_shape, label.shape, sample)
         return label
+
+    def _weight(self, sample: Sample, image_shape: tuple[int, ...]) -> np.ndarray:
+        path = self.weight_paths[sample.name]
+        encoded = open_label_array(path)
+        if encoded.ndim != 2 or encoded.dtype != np.uint16:
+            raise DatasetError(f"expected a single-channel 16-bit weight PNG: {path} has {encoded.dtype} "
+                               f"{encoded.shape}")
+        check_same_size(image_shape, encoded.shape, sample)
+        return decode_weight_png(encoded)  # (H, W) float32 in [0, 1]
 
 
 class ResumableBatchSampler(Sampler[list[tuple[int, int]]]):

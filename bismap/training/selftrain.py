@@ -1,0 +1,237 @@
+"""BiSMAP self-training (Sec. 3.5, Eq. 10-13), read top to bottom.
+
+Per iteration, one source batch (with its transferability maps w^s) and one
+target batch (with its pseudo-labels) go through the student together, so
+BatchNorm sees both domains. The loss is Eq. 13::
+
+    L = L_ce(x^s)            source cross-entropy weighted by w^s     (Eq. 10)
+      + L_sce(x^t)           symmetric CE on the pseudo-labels        (Eq. 11)
+      + lambda L_consist     KL(EMA teacher on x^t || student on phi(x^t))  (Eq. 12)
+
+Each term can be switched off for ablations (``use_stm`` drops w^s,
+``use_pseudo_labels`` the SCE term, ``use_consistency`` the teacher). Reading
+of Eq. 12: the EMA teacher sees the weakly augmented target image and the
+student its strong view phi(x^t), as in the mean teacher [32] that Sec. 4.2
+follows; the teacher's prediction is warped by phi's geometry.
+
+With ``world_size`` N > 1 (as in :mod:`bismap.training.supervised`) each of N
+processes takes its contiguous slice of both global batches, BatchNorm is
+synchronised over the student's whole input cat(source, target, strong view),
+and every term is a mean over the pixels of the global batch. The strong views
+are drawn for the global batch from the (seed, iteration) generator exactly as
+one process draws them, and each rank keeps its slice, so 1 and N processes see
+the same views. The EMA teacher is updated on every rank from the same weights
+(DDP's averaged gradients, synchronised BatchNorm statistics), so it stays the
+same everywhere without communication. Only rank 0 logs and writes files.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.nn import functional as F
+
+from bismap.data.loading import IMAGENET_MEAN, IMAGENET_STD
+from bismap.data.photometric import load_statistics
+from bismap.data.strong_augment import Geometry, StrongAugmentSettings, strong_augment
+from bismap.io import shard_png_paths
+from bismap.losses import kl_divergence_pixels, symmetric_cross_entropy_pixels, weighted_cross_entropy_pixels
+from bismap.models import ModelSettings, build_model
+from bismap.training.adaptation import (Batch, DomainData, LoopState, paired_batches, pixel_mean,
+                                        run_loop)
+from bismap.training.checkpoint import fingerprint, load_model, save_checkpoint
+from bismap.training.distributed import (DistributedContext, launch, local_batch_size, process_devices, rank_slice,
+                                         unwrap_model, wrap_model)
+from bismap.training.ema import make_teacher, update_ema
+from bismap.training.optim import make_optimizer
+from bismap.training.supervised import RunPaths, TrainSettings, seed_everything
+
+logger = logging.getLogger(__name__)
+
+INITS = ("warmup", "imagenet")
+
+
+@dataclass(frozen=True)
+class SelfTrainSettings:
+    training: TrainSettings
+    init: str = "warmup"  # start from the warmup checkpoint, or from ImageNet weights as the public code does
+    ema_decay: float = 0.999  # Sec. 4.2
+    consistency_weight: float = 20.0  # lambda of Eq. 13 (Sec. 4.2)
+    sce_alpha: float = 0.1  # Eq. 11
+    sce_beta: float = 1.0
+    use_stm: bool = True
+    use_pseudo_labels: bool = True
+    use_consistency: bool = True
+    strong_augment: StrongAugmentSettings = field(default_factory=StrongAugmentSettings)
+
+    def __post_init__(self) -> None:
+        if self.init not in INITS:
+            raise ValueError(f"selftrain.init must be one of {INITS}, got '{self.init}'")
+
+
+@dataclass(frozen=True)
+class SelfTrainInputs:
+    warmup_checkpoint: Path
+    source_manifest: Path
+    target_manifest: Path
+    pseudo_label_dirs: list[Path]  # shard folders of <name>.png
+    weight_dirs: list[Path] | None = None  # STM shard folders; needed with use_stm
+    photometric_statistics: Path | None = None  # GPA of the source images
+    imagenet_weights: Path | None = None  # with init 'imagenet'
+
+
+@dataclass(frozen=True)
+class _SelfTrainJob:
+    """What every process needs to train (it is pickled to the child processes)."""
+
+    inputs: SelfTrainInputs
+    paths: RunPaths
+    settings: SelfTrainSettings
+    run_settings: dict[str, Any]
+
+
+class SelfTrainStep:
+    """The loss of Eq. 13 and one SGD step on this rank's slice (b = B / N images per domain); updates the teacher.
+
+    ``network``: the student, DDP-wrapped with N > 1; ``teacher``: its EMA copy, or None
+    without the consistency term.
+    """
+
+    def __init__(self, network: torch.nn.Module, teacher: torch.nn.Module | None, optimizer: torch.optim.Optimizer,
+                 settings: SelfTrainSettings, context: DistributedContext | None = None) -> None:
+        self.network, self.teacher, self.optimizer, self.settings = network, teacher, optimizer, settings
+        self.context = context or DistributedContext()
+        self.device = self.context.device
+
+    def __call__(self, source: Batch, target: Batch, iteration: int) -> dict[str, torch.Tensor]:
+        source_images = source["image"].to(self.device)  # (b, 3, H, W)
+        target_images = target["image"].to(self.device)  # (b, 3, H, W)
+        inputs = [source_images, target_images]
+        if self.teacher is not None:
+            strong, geometry = self._strong_view(target_images, iteration)  # (b, 3, H, W), its warp
+            inputs.append(strong)
+        logits = self.network(torch.cat(inputs)).logits.split(len(source_images))  # each (b, K, H/4, W/4)
+        terms = {"source_ce": self._source_loss(logits[0], source)}
+        if self.settings.use_pseudo_labels:
+            terms["target_sce"] = self._target_loss(logits[1], target)
+        if self.teacher is not None:
+            terms["consistency"] = self._consistency_loss(target_images, logits[2], geometry)
+        loss = terms["source_ce"] + terms.get("target_sce", 0.0)
+        loss = loss + self.settings.consistency_weight * terms.get("consistency", 0.0)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()  # with N > 1, DDP averages the gradients: every rank steps to the same weights
+        self.optimizer.step()
+        if self.teacher is not None:  # same weights and (synchronised) BN statistics: the same teacher everywhere
+            update_ema(self.teacher, unwrap_model(self.network), self.settings.ema_decay)
+        return {"loss": loss, **terms}
+
+    def _strong_view(self, images: torch.Tensor, iteration: int) -> tuple[torch.Tensor, Geometry]:
+        """phi of this rank's images (b, 3, H, W): drawn for the global batch as one process does, then sliced.
+
+        The generator depends on (seed, iteration) only and draws image after image, so
+        rank r's views are those of images r*b..(r+1)*b-1 of a 1-process run. Every rank
+        augments all B images (the draws are inside ``strong_augment``): small next to the network.
+        """
+        generator = torch.Generator().manual_seed(self.settings.training.seed * 1_000_003 + iteration)
+        strong, geometry = strong_augment(_global_batch(images, self.context), self.settings.strong_augment,
+                                          generator, IMAGENET_MEAN, IMAGENET_STD)  # (B, 3, H, W)
+        return rank_slice(strong, self.context), Geometry(rank_slice(geometry.theta, self.context))
+
+    def _source_loss(self, logits: torch.Tensor, source: Batch) -> torch.Tensor:
+        labels = source["label"].to(self.device)  # (b, H, W)
+        weights = source["weight"].to(self.device) if self.settings.use_stm else None  # (b, H, W), Eq. 9
+        return pixel_mean(weighted_cross_entropy_pixels(_upsample(logits, labels), labels, weights),
+                          self.context)  # Eq. 10
+
+    def _target_loss(self, logits: torch.Tensor, target: Batch) -> torch.Tensor:
+        labels = target["label"].to(self.device)  # (b, H, W) pseudo-labels, 255 = ignore
+        return pixel_mean(symmetric_cross_entropy_pixels(_upsample(logits, labels), labels, self.settings.sce_alpha,
+                                                         self.settings.sce_beta), self.context)  # Eq. 11
+
+    @torch.no_grad()
+    def _teacher_probabilities(self, images: torch.Tensor) -> torch.Tensor:
+        return self.teacher(images).logits.softmax(dim=1)  # (b, K, h, w)
+
+    def _consistency_loss(self, images: torch.Tensor, student_logits: torch.Tensor,
+                          geometry: Geometry) -> torch.Tensor:
+        """Eq. 12 at feature resolution; the teacher's map is moved by phi's geometry, outside pixels masked."""
+        warped = geometry.warp(self._teacher_probabilities(images))  # (b, K, h, w)
+        valid = geometry.valid(tuple(student_logits.shape[-2:]))  # (b, h, w)
+        return pixel_mean(kl_divergence_pixels(warped.clamp_min(1e-8).log(), student_logits, valid), self.context)
+
+
+def _global_batch(local: torch.Tensor, context: DistributedContext) -> torch.Tensor:
+    """Every rank's slice (b, ...) concatenated in rank order: the global batch (B, ...); ``local`` for N == 1."""
+    if not context.distributed:
+        return local
+    slices = [torch.empty_like(local) for _ in range(context.world_size)]
+    dist.all_gather(slices, local.contiguous())
+    return torch.cat(slices)
+
+
+def _upsample(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)  # (b, K, H, W)
+
+
+def _initial_model(inputs: SelfTrainInputs, settings: SelfTrainSettings,
+                   device: torch.device) -> tuple[torch.nn.Module, ModelSettings, list[str]]:
+    model, checkpoint = load_model(inputs.warmup_checkpoint, device)
+    model_settings = model.settings
+    if settings.init == "imagenet":
+        model = build_model(model_settings, len(checkpoint["class_names"]), inputs.imagenet_weights).to(device)
+    return model, model_settings, list(checkpoint["class_names"])
+
+
+def domains(inputs: SelfTrainInputs, use_weights: bool) -> tuple[DomainData, DomainData]:
+    """Source (GPA-stylized, with transferability maps) and target (pseudo-labels) data."""
+    if use_weights and not inputs.weight_dirs:
+        raise ValueError("use_stm is on but no transferability maps were given")
+    photometric = load_statistics(inputs.photometric_statistics) if inputs.photometric_statistics else None
+    source = DomainData(inputs.source_manifest, photometric_statistics=photometric,
+                        weight_paths=shard_png_paths(inputs.weight_dirs, "weight map") if use_weights else None)
+    target = DomainData(inputs.target_manifest, label_paths=shard_png_paths(inputs.pseudo_label_dirs, "pseudo-label"))
+    return source, target
+
+
+def self_train(inputs: SelfTrainInputs, paths: RunPaths, settings: SelfTrainSettings, device: torch.device,
+               run_settings: dict[str, Any], world_size: int = 1) -> None:
+    """Train and write the checkpoint and loss log; resumable from ``paths.state`` (with any ``world_size``).
+
+    ``device``: what ``acquire_devices(world_size)`` yielded; ``world_size`` > 1 trains in that
+    many processes, one per acquired GPU (or CPU processes with gloo when there is no CUDA).
+    """
+    local_batch_size(settings.training.batch_size, world_size)  # an uneven split fails here, naming both values
+    launch(_self_train, process_devices(device, world_size), _SelfTrainJob(inputs, paths, settings, run_settings))
+
+
+def _self_train(context: DistributedContext, job: _SelfTrainJob) -> None:
+    """One process's share of the training; rank 0 writes the outputs."""
+    inputs, settings, paths = job.inputs, job.settings, job.paths
+    seed_everything(settings.training.seed)  # the same initial weights on every rank
+    model, model_settings, class_names = _initial_model(inputs, settings, context.device)
+    optimizer = make_optimizer(model, settings.training.optimizer)
+    teacher = make_teacher(model) if settings.use_consistency else None  # plain BatchNorm, eval mode
+    modules = {"model": model, "optimizer": optimizer}
+    if teacher is not None:
+        modules["teacher"] = teacher
+    state = LoopState(modules)  # restored before DDP wraps the model (the saved keys have no "module.")
+    run_id = fingerprint(job.run_settings, [str(path) for path in inputs.pseudo_label_dirs])
+    state.restore(paths.state, run_id, context, settings.training.seed)
+    network = wrap_model(model, context)  # SyncBN + DDP with several processes, else the model itself
+    network.train()
+    source, target = domains(inputs, settings.use_stm)
+    if context.is_main:
+        logger.info("self-training: STM %s, pseudo-labels %s, consistency %s (lambda %.3g)", settings.use_stm,
+                    settings.use_pseudo_labels, settings.use_consistency, settings.consistency_weight)
+    step = SelfTrainStep(network, teacher, optimizer, settings, context)
+    run_loop(step, paired_batches(source, target, settings.training, state.iteration, context), optimizer,
+             settings.training, state, paths, run_id, context)
+    if context.is_main:
+        save_checkpoint(paths.checkpoint, unwrap_model(network), model_settings, class_names,
+                        settings.training.iterations, job.run_settings)
+        paths.state.unlink(missing_ok=True)
