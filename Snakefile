@@ -14,6 +14,9 @@ include: "rules/data.smk"
 include: "rules/gpa.smk"
 include: "rules/train.smk"
 include: "rules/maps.smk"
+include: "rules/stm.smk"
+include: "rules/selftrain.smk"
+include: "rules/distill.smk"
 include: "rules/evaluate.smk"
 
 

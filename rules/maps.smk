@@ -75,20 +75,23 @@ rule merge_class_gmms:
 
 # Eq. 6 on target-train, image i in shard i % shards: the same PNGs whatever
 # the shard count. One folder per shard, not one declared output per PNG.
+# {labels} is 'maps' (BiSMAP's labels) or 'baseline' (the confidence labels of
+# the self-training variants without MAPs, selftrain.baseline_pseudo_labels).
 rule pseudo_labels:
     input:
+        unpack(pseudo_label_inputs),
         checkpoint=results("checkpoints", "warmup.pt"),
         manifest=results("manifests", "target_train.json"),
-        prototypes=results("maps", "prototypes.h5"),
     output:
-        labels=directory(results("pseudo_labels", "maps", "shard_{shard}")),
-        statistics=results("pseudo_labels", "maps", "shard_{shard}.json"),
+        labels=directory(results("pseudo_labels", "{labels}", "shard_{shard}")),
+        statistics=results("pseudo_labels", "{labels}", "shard_{shard}.json"),
     params:
-        settings=maps_pseudo_label_settings(),
+        settings=lambda wildcards: pseudo_label_settings(wildcards.labels),
         shard_index=lambda wildcards: int(wildcards.shard),
         shard_count=len(maps_shards()),
         code_version=CODE_VERSION,
     wildcard_constraints:
+        labels="maps|baseline",
         shard=r"\d+",
     threads: config["threads"]["evaluate"]
     resources:
@@ -96,24 +99,26 @@ rule pseudo_labels:
     conda:
         CONDA_ENV
     log:
-        log_path("pseudo_labels", "shard_{shard}"),
+        log_path("pseudo_labels", "{labels}_shard_{shard}"),
     script:
         "../workflow_scripts/pseudo_labels.py"
 
 
 rule merge_pseudo_labels:
     input:
-        statistics=expand(results("pseudo_labels", "maps", "shard_{shard}.json"), shard=maps_shards()),
-        labels=expand(results("pseudo_labels", "maps", "shard_{shard}"), shard=maps_shards()),
+        statistics=expand(results("pseudo_labels", "{{labels}}", "shard_{shard}.json"), shard=maps_shards()),
+        labels=expand(results("pseudo_labels", "{{labels}}", "shard_{shard}"), shard=maps_shards()),
     output:
-        summary=results("pseudo_labels", "maps", "summary.json"),
+        summary=results("pseudo_labels", "{labels}", "summary.json"),
     params:
         code_version=CODE_VERSION,
+    wildcard_constraints:
+        labels="maps|baseline|teacher",
     threads: 1
     conda:
         CONDA_ENV
     log:
-        log_path("merge_pseudo_labels"),
+        log_path("merge_pseudo_labels", "{labels}"),
     script:
         "../workflow_scripts/pseudo_labels.py"
 

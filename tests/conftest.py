@@ -37,6 +37,11 @@ def tiny_config(results: Path) -> dict:
     config["maps"]["features"].update(features_per_class=500, batch_size=12)
     config["maps"]["gmm"].update(components=2, min_features=20, max_iterations=30, kmeans_iterations=30,
                                  calibration_samples=500)
+    config["stm"].update(embeddings_per_image=8, clusters=4, batch_size=12, preview_images=2)
+    adaptation = {**training, "iterations": 2, "batch_size": 2, "checkpoint_interval": 1}
+    config["selftrain"]["training"] = adaptation
+    config["distill"]["training"] = copy.deepcopy(adaptation)
+    config["report"]["qualitative_images"] = 2
     return config
 
 

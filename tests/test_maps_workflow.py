@@ -19,8 +19,11 @@ from tests.real_fixtures import make_cityscapes, make_gta5
 
 CLASSES = 11
 TARGET_IMAGES = 12  # tiny_config's target_train count
-DOWNSTREAM_OF_PROTOTYPES = {"merge_class_gmms": 1, "pseudo_labels": 2, "merge_pseudo_labels": 1,
-                            "pseudo_label_report": 1, "all": 1}
+# the MAPs labels and their report, then the two self-training variants with MAPs (stm_maps, bismap), the
+# teacher labels (merged with the MAPs ones: 2 merges) and the distillation, their evaluations and the report
+DOWNSTREAM_OF_PROTOTYPES = {"merge_class_gmms": 1, "pseudo_labels": 2, "merge_pseudo_labels": 2,
+                            "pseudo_label_report": 1, "selftrain": 2, "teacher_pseudo_labels": 2, "distill": 1,
+                            "evaluate": 3, "qualitative_figure": 1, "report": 1, "all": 1}
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -84,7 +87,9 @@ def test_editing_shard_count_relabels_but_keeps_prototypes_and_report(finished_t
     config = yaml.safe_load(configfile.read_text())
     config["maps"]["shards"] = 3
     jobs = planned_jobs(run_snakemake(workdir, write_config(tmp_path / "edited.yaml", config), "-n").stdout)
-    assert jobs == {"pseudo_labels": 3, "merge_pseudo_labels": 1, "all": 1}
+    # MAPs and baseline labels on 3 shards, every variant (its label folders changed), the teacher's labels
+    assert jobs == {"pseudo_labels": 6, "merge_pseudo_labels": 3, "selftrain": 4, "teacher_pseudo_labels": 3,
+                    "distill": 1, "evaluate": 5, "qualitative_figure": 1, "report": 1, "all": 1}
 
 
 def test_two_shard_workflow_labels_equal_one_shard_labels(finished_tiny_run, tmp_path):
@@ -131,6 +136,8 @@ def test_paper_config_with_maps_enabled_plans_the_gpu_stages(tmp_path):
         config["datasets"][domain]["root"] = str(cityscapes)
     config["pretrained"]["imagenet"] = None
     config["maps"]["enabled"] = config["pseudo_label_report"]["enabled"] = True
+    for later_stage in ("stm", "selftrain", "distill"):  # they need the SimCLRv2 file; planned in test_real_workflow
+        config[later_stage]["enabled"] = False
     result = run_snakemake(tmp_path, write_config(tmp_path / "paper.yaml", config), "-n")
     jobs = planned_jobs(result.stdout)
     assert {rule: jobs.get(rule) for rule in ("extract_source_features", "fit_class_gmm", "pseudo_labels")} == {

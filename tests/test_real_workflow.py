@@ -23,6 +23,8 @@ from tests.conftest import REPO, planned_jobs, run_snakemake, write_config
 from tests.real_fixtures import gta5_name, make_cityscapes, make_gta5, make_synthia, write_palette_label
 
 SIZE = (64, 32)  # (width, height) of every fixture image
+STM_STAGES = {"extract_target_embeddings": 1, "target_prototypes": 1, "class_entropy": 1,
+              "source_distance_statistics": 4, "source_transferability": 4, "merge_source_transferability": 1}
 PAPER_CONFIGS = {"gta5": "gta5_to_cityscapes.yaml", "synthia": "synthia_to_cityscapes.yaml"}
 
 
@@ -36,14 +38,19 @@ def dataset_roots(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
             "cityscapes": cityscapes}
 
 
-def paper_config(source: str, roots: dict[str, Path], results: Path, imagenet: str | None) -> dict:
-    """A paper config as shipped, with only the dataset roots, results and weights redirected."""
+def paper_config(source: str, roots: dict[str, Path], results: Path, imagenet: str | None,
+                 embedding: str | None = None) -> dict:
+    """A paper config as shipped, with only the dataset roots, results and weights redirected.
+
+    ``embedding``: the STM's SimCLRv2 checkpoint; None = the warmup encoder stands in.
+    """
     config = copy.deepcopy(yaml.safe_load((REPO / "config" / PAPER_CONFIGS[source]).read_text()))
     config["results"] = str(results)
     config["datasets"]["source"]["root"] = str(roots[source])
     for domain in ("target_train", "target_val"):
         config["datasets"][domain]["root"] = str(roots["cityscapes"])
     config["pretrained"]["imagenet"] = imagenet
+    config["stm"]["embedding_checkpoint"] = embedding
     return config
 
 
@@ -61,6 +68,9 @@ def shrink(config: dict) -> dict:
     config["evaluate"].update(batch_size=1, workers=0)
     config["gpa"].update(enabled=True, max_images=2, preview_rows=2)
     config["maps"]["enabled"] = False  # 19 per-class GMM jobs; the MAPs stages have their own tests
+    config["stm"]["enabled"] = False  # the STM stages have their own tests (tests/test_transferability.py)
+    config["selftrain"]["enabled"] = False  # needs MAPs and the STM; tests/test_adaptation_workflow.py runs it
+    config["distill"]["enabled"] = False
     return config
 
 
@@ -75,16 +85,27 @@ def job_block(output: str, rule: str) -> str:
 def test_paper_config_plans_gpu_jobs_and_gpa(source, dataset_roots, tmp_path):
     imagenet = tmp_path / "resnet101-imagenet.pth"
     imagenet.touch()  # a dry run never loads it
-    config = paper_config(source, dataset_roots, tmp_path / "results", str(imagenet))
+    embedding = tmp_path / "r152_2x_sk0.pth"
+    embedding.touch()
+    config = paper_config(source, dataset_roots, tmp_path / "results", str(imagenet), str(embedding))
     config["oracle"]["enabled"] = True  # to check that the target oracle is not stylized
     result = run_snakemake(tmp_path, write_config(tmp_path / "paper.yaml", config), "-n")
     jobs = planned_jobs(result.stdout)
-    assert jobs == {"index_dataset": 3, "gpa_statistics": 1, "warmup": 1, "oracle": 1, "evaluate": 2,
+    adaptation = {"selftrain": 1, "teacher_pseudo_labels": 4, "distill": 1, "qualitative_figure": 1}
+    assert jobs == {"index_dataset": 3, "gpa_statistics": 1, "warmup": 1, "oracle": 1, "evaluate": 4,
                     "report": 1, "extract_source_features": 1, "fit_class_gmm": 19, "merge_class_gmms": 1,
-                    "pseudo_labels": 4, "merge_pseudo_labels": 1, "all": 1}
-    for rule in ("warmup", "evaluate", "oracle", "extract_source_features", "pseudo_labels"):
+                    "pseudo_labels": 4, "merge_pseudo_labels": 2, "all": 1, **STM_STAGES, **adaptation}
+    for rule in ("warmup", "evaluate", "oracle", "extract_source_features", "pseudo_labels",
+                 "extract_target_embeddings", "class_entropy", "source_distance_statistics", "source_transferability",
+                 "selftrain", "teacher_pseudo_labels", "distill", "qualitative_figure"):
         assert re.search(r"resources: .*\bgpu=1\b", job_block(result.stdout, rule)), rule
+    assert not re.search(r"resources: .*\bgpu=1\b", job_block(result.stdout, "target_prototypes"))
+    assert str(embedding) in job_block(result.stdout, "extract_target_embeddings").split("\n")[0]
+    assert "gpa/target_statistics.json" in job_block(result.stdout, "source_transferability").split("\n")[0]
     assert "gpa/target_statistics.json" in job_block(result.stdout, "warmup").split("\n")[0]
+    for rule in ("selftrain", "distill"):  # the stylized source is used in self-training too (Sec. 3.5)
+        assert "gpa/target_statistics.json" in job_block(result.stdout, rule).split("\n")[0], rule
+    assert str(imagenet) in job_block(result.stdout, "distill").split("\n")[0]  # the student starts from ImageNet
     assert "gpa" not in job_block(result.stdout, "oracle").split("\n")[0]
     assert not (tmp_path / "results").exists()
 

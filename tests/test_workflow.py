@@ -3,12 +3,23 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import yaml
 from PIL import Image
 
 from tests.conftest import planned_jobs, run_snakemake, tiny_config, write_config
+
+# STM (rules/stm.smk): all downstream of the warmup, whose encoder stands in for E-hat in the tiny config
+STM_STAGES = {"extract_target_embeddings": 1, "target_prototypes": 1, "class_entropy": 1,
+              "source_distance_statistics": 2, "source_transferability": 2, "merge_source_transferability": 1}
+# MAPs (rules/maps.smk): the MAPs and the baseline's confidence labels, 2 shards each; merges of maps, baseline, teacher
+MAPS_STAGES = {"extract_source_features": 1, "fit_class_gmm": 11, "merge_class_gmms": 1, "pseudo_labels": 4,
+               "merge_pseudo_labels": 3, "pseudo_label_report": 1}
+# Self-training (4 variants), distillation and the report: 6 evaluations (warmup, 4 variants, distill)
+ADAPTATION_STAGES = {"selftrain": 4, "teacher_pseudo_labels": 2, "distill": 1, "evaluate": 6,
+                     "qualitative_figure": 1, "report": 1}
 
 
 def test_end_to_end_writes_metrics_and_report(finished_tiny_run):
@@ -24,7 +35,7 @@ def test_end_to_end_writes_metrics_and_report(finished_tiny_run):
         checkpoint_step = metrics["checkpoint"]
         assert checkpoint_step.endswith(f"{model}.pt")
     summary = json.loads((results / "report" / "summary.json").read_text())
-    assert set(summary) == {"warmup", "oracle", "gap_warmup_to_oracle"}
+    assert {"warmup", "oracle", "gap_warmup_to_oracle"} <= set(summary)
     assert abs(summary["gap_warmup_to_oracle"] - (summary["oracle"]["miou"] - summary["warmup"]["miou"])) < 1e-9
     loss_lines = (results / "training" / "warmup_loss.tsv").read_text().splitlines()
     assert len(loss_lines) == 1 + 4  # header + one row per iteration
@@ -43,9 +54,7 @@ def test_editing_warmup_learning_rate_reruns_warmup_and_downstream_only(finished
     config["warmup"]["optimizer"]["learning_rate"] = 0.02
     edited = write_config(tmp_path / "edited.yaml", config)
     jobs = planned_jobs(run_snakemake(workdir, edited, "-n").stdout)
-    maps_stages = {"extract_source_features": 1, "fit_class_gmm": 11, "merge_class_gmms": 1, "pseudo_labels": 2,
-                   "merge_pseudo_labels": 1, "pseudo_label_report": 1}  # all downstream of the warmup
-    assert jobs == {"warmup": 1, "evaluate": 1, "report": 1, "all": 1, **maps_stages}
+    assert jobs == {"warmup": 1, "all": 1, **MAPS_STAGES, **STM_STAGES, **ADAPTATION_STAGES}
 
 
 def test_editing_source_generator_leaves_target_data_and_oracle_alone(finished_tiny_run, tmp_path):
@@ -54,10 +63,41 @@ def test_editing_source_generator_leaves_target_data_and_oracle_alone(finished_t
     config["digit_scenes"]["splits"]["source"]["seed"] = 99
     edited = write_config(tmp_path / "edited.yaml", config)
     jobs = planned_jobs(run_snakemake(workdir, edited, "-n").stdout)
-    maps_stages = {"extract_source_features": 1, "fit_class_gmm": 11, "merge_class_gmms": 1, "pseudo_labels": 2,
-                   "merge_pseudo_labels": 1, "pseudo_label_report": 1}  # all downstream of the warmup
-    assert jobs == {"make_digit_scenes": 1, "index_dataset": 1, "warmup": 1, "evaluate": 1, "report": 1, "all": 1,
-                    **maps_stages}
+    assert jobs == {"make_digit_scenes": 1, "index_dataset": 1, "warmup": 1, "all": 1,
+                    **MAPS_STAGES, **STM_STAGES, **ADAPTATION_STAGES}
+
+
+def test_editing_stm_clusters_reruns_prototypes_and_maps_only(finished_tiny_run, tmp_path):
+    workdir, configfile = finished_tiny_run
+    config = yaml.safe_load(configfile.read_text())
+    config["stm"]["clusters"] = 5
+    edited = write_config(tmp_path / "edited.yaml", config)
+    output = run_snakemake(workdir, edited, "-n").stdout
+    jobs = planned_jobs(output)
+    stm_reruns = {"target_prototypes": 1, "source_distance_statistics": 2, "source_transferability": 2,
+                  "merge_source_transferability": 1}
+    assert {rule: count for rule, count in jobs.items() if rule in STM_STAGES} == stm_reruns
+    upstream = {"make_digit_scenes", "index_dataset", "warmup", "oracle", "extract_source_features", "fit_class_gmm",
+                "merge_class_gmms", "extract_target_embeddings", "class_entropy"}
+    assert not upstream & set(jobs)
+    # only J's own rule reruns for a changed param; every other planned job consumes the new maps
+    reasons = re.findall(r"^rule (\w+):\n(?:    (?!reason:).*\n)*    reason: (.*)$", output, flags=re.MULTILINE)
+    assert len(reasons) == sum(jobs.values())
+    assert {rule for rule, reason in reasons if not reason.startswith("Input files updated by another job")} == \
+        {"target_prototypes"}
+
+
+def test_stm_outputs_of_the_tiny_run(finished_tiny_run):
+    from bismap.transferability import read_weight_map, weight_map_paths
+
+    results = finished_tiny_run[0] / "results"
+    summary = json.loads((results / "stm" / "summary.json").read_text())
+    assert summary["images"] == 24 and summary["clusters"] == 4 and summary["d_mean"] > 0
+    assert sum(summary["pixel_count_per_class"].values()) + summary["ignore_pixels"] == 24 * 32 * 32
+    paths = weight_map_paths([results / "stm" / "weights" / f"shard_{shard}" for shard in (0, 1)])
+    assert len(paths) == 24 and (results / "stm" / "preview.png").stat().st_size > 1000
+    weights = read_weight_map(paths["source_00000"])
+    assert weights.shape == (32, 32) and 0.0 <= weights.min() and weights.max() <= 1.0
 
 
 def test_unknown_config_key_fails_before_any_job(tmp_path):

@@ -1,4 +1,4 @@
-"""Rules pseudo_labels (one shard's MAPs PNGs, Eq. 6) and merge_pseudo_labels (summed statistics)."""
+"""Rules pseudo_labels and teacher_pseudo_labels (one shard's PNGs) and merge_pseudo_labels (summed statistics)."""
 
 from bismap.devices import acquire_devices
 from bismap.io import atomic_directory, write_json
@@ -16,11 +16,11 @@ with rule_context(snakemake.log[0], snakemake.threads):
             label_images(
                 checkpoint_path=snakemake.input.checkpoint,
                 manifest_path=snakemake.input.manifest,
-                prototypes_path=snakemake.input.prototypes,
+                prototypes_path=snakemake.input.get("prototypes"),
                 output_dir=folder,
                 shard_index=snakemake.params.shard_index,
                 shard_count=snakemake.params.shard_count,
-                settings=from_dict(PseudoLabelSettings, snakemake.params.settings, "maps.pseudo_labels"),
+                settings=from_dict(PseudoLabelSettings, snakemake.params.settings, f"{snakemake.rule} settings"),
                 device=device,
                 statistics_path=snakemake.output.statistics,
             )

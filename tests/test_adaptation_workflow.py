@@ -1,0 +1,117 @@
+"""Self-training, distillation and the report through the workflow, on the tiny config (2 iterations each)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from tests.conftest import planned_jobs, run_snakemake, write_config
+
+VARIANTS = ["baseline", "stm", "stm_maps", "bismap"]
+
+
+def test_every_stage_writes_its_checkpoint_and_the_report_has_one_row_each(finished_tiny_run):
+    workdir, _ = finished_tiny_run
+    results = workdir / "results"
+    models = ["warmup", *(f"selftrain_{name}" for name in VARIANTS), "distill", "oracle"]
+    summary = json.loads((results / "report" / "summary.json").read_text())
+    assert [key for key in summary if key != "gap_warmup_to_oracle"] == models
+    gap = summary["oracle"]["miou"] - summary["warmup"]["miou"]
+    for model in models:
+        metrics = json.loads((results / "evaluation" / model / "metrics.json").read_text())
+        assert summary[model]["miou"] == metrics["miou"]
+        assert summary[model]["gain_over_warmup"] == pytest.approx(metrics["miou"] - summary["warmup"]["miou"])
+        if gap:
+            assert summary[model]["gap_closed_percent"] == pytest.approx(100 * summary[model]["gain_over_warmup"] / gap)
+    assert summary["selftrain_stm"]["components"] == {"maps": False, "stm": True, "consistency": False,
+                                                      "distillation": False}
+    assert summary["distill"]["components"] == {"maps": True, "stm": True, "consistency": True, "distillation": True}
+    markdown = (results / "report" / "summary.md").read_text()
+    assert sum(line.startswith("| selftrain_") for line in markdown.splitlines()) == 2 * len(VARIANTS)
+
+
+def test_loss_logs_carry_each_variants_terms(finished_tiny_run):
+    results = finished_tiny_run[0] / "results" / "training"
+    headers = {name: (results / f"selftrain_{name}_loss.tsv").read_text().splitlines()[0].split("\t")
+               for name in VARIANTS}
+    assert "consistency" in headers["bismap"] and "consistency" not in headers["stm_maps"]
+    assert all("target_sce" in header and "source_ce" in header for header in headers.values())
+    distill = (results / "distill_loss.tsv").read_text().splitlines()
+    assert distill[0].split("\t")[:5] == ["iteration", "loss", "source_ce", "target_ce", "kl"]
+    assert len(distill) == 1 + 2
+
+
+def test_teacher_labels_keep_only_confident_pixels(finished_tiny_run):
+    results = finished_tiny_run[0] / "results" / "pseudo_labels"
+    labels = np.stack([np.array(Image.open(path)) for path in sorted(results.glob("teacher/shard_*/*.png"))])
+    assert labels.shape == (12, 32, 32)
+    assert set(np.unique(labels)) <= set(range(11)) | {255}
+    summary = json.loads((results / "teacher" / "summary.json").read_text())
+    assert summary["images"] == 12 and summary["pl_ratio"] == pytest.approx(float((labels != 255).mean()))
+
+
+def test_qualitative_figure_has_a_column_per_model(finished_tiny_run):
+    figure = Image.open(finished_tiny_run[0] / "results" / "report" / "qualitative.png")
+    columns, rows = 2 + 1 + len(VARIANTS) + 1 + 1, 2  # image, truth, warmup, variants, distill, oracle
+    assert figure.width / figure.height == pytest.approx(columns / rows, rel=0.25)
+
+
+def test_qualitative_cells_are_the_palette_of_truth_and_predictions(finished_tiny_run, tmp_path):
+    import torch
+
+    from bismap.qualitative import palette, predict, qualitative_figure
+    from bismap.training.checkpoint import load_model
+
+    results = finished_tiny_run[0] / "results"
+    checkpoints = {name: results / "checkpoints" / f"{name}.pt" for name in ("warmup", "distill")}
+    rows = qualitative_figure(checkpoints, results / "manifests" / "target_val.json", tmp_path / "figure.png",
+                              images=3, device=torch.device("cpu"))
+    assert len(rows) == 3 and all(len(cells) == 4 for cells in rows)
+    from bismap.data.loading import Manifest, SegmentationDataset
+
+    last = SegmentationDataset(Manifest.load(results / "manifests" / "target_val.json"))[11]  # evenly spaced: 0, 6, 11
+    colours = palette([str(digit) for digit in range(10)] + ["background"])
+    assert np.array_equal(rows[2][1], colours[last["label"].numpy()])
+    model, _ = load_model(checkpoints["distill"])
+    assert np.array_equal(rows[2][3], colours[predict(model.eval(), last["image"])])
+    assert tuple(colours[255]) == (0, 0, 0) and len({tuple(colour) for colour in colours[:11]}) == 11
+
+
+def test_cityscapes_classes_get_their_official_colours():
+    from bismap.data.real_datasets import CITYSCAPES_CLASS_NAMES
+    from bismap.qualitative import palette
+
+    colours = palette(list(CITYSCAPES_CLASS_NAMES))
+    assert tuple(colours[0]) == (128, 64, 128) and tuple(colours[18]) == (119, 11, 32)  # road, bicycle
+
+
+def edited_plan(finished_tiny_run, tmp_path, edit) -> dict[str, int]:
+    workdir, configfile = finished_tiny_run
+    config = yaml.safe_load(configfile.read_text())
+    edit(config)
+    return planned_jobs(run_snakemake(workdir, write_config(tmp_path / "edited.yaml", config), "-n").stdout)
+
+
+def test_editing_lambda_reruns_the_consistency_variant_distillation_and_report_only(finished_tiny_run, tmp_path):
+    jobs = edited_plan(finished_tiny_run, tmp_path,
+                       lambda config: config["selftrain"].update(consistency_weight=7.5))
+    assert jobs == {"selftrain": 1, "teacher_pseudo_labels": 2, "merge_pseudo_labels": 1, "distill": 1,
+                    "evaluate": 2, "qualitative_figure": 1, "report": 1, "all": 1}
+
+
+def test_adding_a_variant_runs_only_that_variant(finished_tiny_run, tmp_path):
+    new = {"name": "maps_only", "maps": True, "stm": False, "consistency": False}
+    jobs = edited_plan(finished_tiny_run, tmp_path, lambda config: config["selftrain"]["variants"].append(new))
+    assert jobs == {"selftrain": 1, "evaluate": 1, "qualitative_figure": 1, "report": 1, "all": 1}
+
+
+def test_a_duplicate_variant_name_fails_naming_it(finished_tiny_run, tmp_path):
+    workdir, configfile = finished_tiny_run
+    config = yaml.safe_load(configfile.read_text())
+    config["selftrain"]["variants"].append(dict(config["selftrain"]["variants"][0]))
+    result = run_snakemake(workdir, write_config(tmp_path / "bad.yaml", config), "-n", check=False)
+    assert result.returncode != 0 and "'baseline' is used twice" in result.stdout + result.stderr
