@@ -22,7 +22,7 @@ run: $(STAMP)
 	$(BIN)/snakemake --cores $(CORES)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -ra  # -ra: the summary names every skipped test and why (e.g. no SLURM)
 
 lint: $(STAMP)
 	$(BIN)/snakemake --lint --workflow-profile none
