@@ -35,9 +35,9 @@ from tqdm import tqdm
 from bismap.data.loading import Manifest, ResumableBatchSampler, SegmentationDataset, train_augmentation
 from bismap.io import write_text
 from bismap.losses import PixelLosses, masked_mean, masked_sum
-from bismap.training.checkpoint import load_resume_state, save_resume_state
+from bismap.training.checkpoint import load_resume_state, save_checkpoint, save_resume_state
 from bismap.training.distributed import (DistributedContext, RankSliceBatchSampler, all_reduce_mean, capture_rng,
-                                         global_mean_loss, restore_rng, seed_rank_rng)
+                                         global_mean_loss, restore_rng, seed_rank_rng, unwrap_model, wrap_model)
 from bismap.training.optim import set_poly_learning_rate
 from bismap.training.supervised import RunPaths, TrainSettings
 
@@ -145,6 +145,37 @@ def run_loop(step: StepFunction, batches: Iterator[tuple[Batch, Batch]], optimiz
             state.save(paths.state, run_id, context)  # every rank: the RNG states are gathered
     if context.is_main:
         write_text(paths.loss_log, loss_table(state.history))
+
+
+@dataclass(frozen=True)
+class AdaptationRun:
+    """One process's self-training or distillation run: what trains, on what, and where it is saved."""
+
+    model: torch.nn.Module  # the network being trained, not yet wrapped for DDP
+    optimizer: torch.optim.Optimizer
+    modules: dict[str, Any]  # what the resume state holds: the model, the optimizer, an EMA teacher
+    source: DomainData
+    target: DomainData
+    settings: TrainSettings
+    paths: RunPaths
+    run_id: str  # fingerprint of everything that shapes training: a resume state must match it
+    class_names: list[str]
+    run_settings: dict[str, Any]  # stored in the checkpoint
+
+
+def train_and_save(run: AdaptationRun, make_step: Callable[[torch.nn.Module], StepFunction],
+                   context: DistributedContext) -> None:
+    """Resume if a matching state exists, wrap the model (DDP, SyncBN), train, and (rank 0) save it."""
+    state = LoopState(run.modules)
+    state.restore(run.paths.state, run.run_id, context, run.settings.seed)  # before DDP: keys without "module."
+    network = wrap_model(run.model, context)  # SyncBN + DDP with several processes, else the model itself
+    network.train()
+    batches = paired_batches(run.source, run.target, run.settings, state.iteration, context)
+    run_loop(make_step(network), batches, run.optimizer, run.settings, state, run.paths, run.run_id, context)
+    if context.is_main:
+        save_checkpoint(run.paths.checkpoint, unwrap_model(network), run.model.settings, run.class_names,
+                        run.settings.iterations, run.run_settings)
+        run.paths.state.unlink(missing_ok=True)
 
 
 def global_terms(terms: dict[str, torch.Tensor], context: DistributedContext) -> dict[str, float]:

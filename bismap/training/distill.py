@@ -36,11 +36,9 @@ from bismap.embeddings import check_state, torchvision_state
 from bismap.io import shard_png_paths
 from bismap.losses import kl_divergence_pixels, weighted_cross_entropy_pixels
 from bismap.models import build_model
-from bismap.training.adaptation import (Batch, DomainData, LoopState, paired_batches, pixel_mean,
-                                        run_loop)
-from bismap.training.checkpoint import fingerprint, load_model, save_checkpoint
-from bismap.training.distributed import (DistributedContext, launch, local_batch_size, process_devices,
-                                         unwrap_model, wrap_model)
+from bismap.training.adaptation import AdaptationRun, Batch, DomainData, pixel_mean, train_and_save
+from bismap.training.checkpoint import fingerprint, load_model
+from bismap.training.distributed import DistributedContext, launch, local_batch_size, process_devices
 from bismap.training.ema import make_teacher
 from bismap.training.optim import make_optimizer
 from bismap.training.supervised import RunPaths, TrainSettings, seed_everything
@@ -147,24 +145,17 @@ def distill(inputs: DistillInputs, paths: RunPaths, settings: DistillSettings, d
 
 def _distill(context: DistributedContext, job: _DistillJob) -> None:
     """One process's share of the training; rank 0 writes the outputs."""
-    inputs, settings, paths = job.inputs, job.settings, job.paths
+    inputs, settings = job.inputs, job.settings
     seed_everything(settings.training.seed)  # the same initial weights on every rank
     teacher_model, checkpoint = load_model(inputs.teacher_checkpoint, context.device)
     teacher = make_teacher(teacher_model)
     student = make_student(inputs, settings, context.device)
     optimizer = make_optimizer(student, settings.training.optimizer)
-    state = LoopState({"model": student, "optimizer": optimizer})  # restored before DDP wraps the student
-    run_id = fingerprint(job.run_settings, [str(path) for path in inputs.teacher_label_dirs])
-    state.restore(paths.state, run_id, context, settings.training.seed)
-    network = wrap_model(student, context)  # SyncBN + DDP with several processes, else the student itself
-    network.train()
     photometric = load_statistics(inputs.photometric_statistics) if inputs.photometric_statistics else None
     source = DomainData(inputs.source_manifest, photometric_statistics=photometric)
     target = DomainData(inputs.target_manifest, label_paths=shard_png_paths(inputs.teacher_label_dirs, "teacher label"))
-    step = DistillStep(network, teacher, optimizer, settings.kl_weight, context)
-    run_loop(step, paired_batches(source, target, settings.training, state.iteration, context), optimizer,
-             settings.training, state, paths, run_id, context)
-    if context.is_main:
-        save_checkpoint(paths.checkpoint, unwrap_model(network), student.settings, list(checkpoint["class_names"]),
-                        settings.training.iterations, job.run_settings)
-        paths.state.unlink(missing_ok=True)
+    run_id = fingerprint(job.run_settings, [str(path) for path in inputs.teacher_label_dirs])
+    run = AdaptationRun(student, optimizer, {"model": student, "optimizer": optimizer}, source, target,
+                        settings.training, job.paths, run_id, list(checkpoint["class_names"]), job.run_settings)
+    train_and_save(run, lambda network: DistillStep(network, teacher, optimizer, settings.kl_weight, context),
+                   context)

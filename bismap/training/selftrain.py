@@ -42,11 +42,10 @@ from bismap.data.strong_augment import Geometry, StrongAugmentSettings, strong_a
 from bismap.io import shard_png_paths
 from bismap.losses import kl_divergence_pixels, symmetric_cross_entropy_pixels, weighted_cross_entropy_pixels
 from bismap.models import ModelSettings, build_model
-from bismap.training.adaptation import (Batch, DomainData, LoopState, paired_batches, pixel_mean,
-                                        run_loop)
-from bismap.training.checkpoint import fingerprint, load_model, save_checkpoint
+from bismap.training.adaptation import AdaptationRun, Batch, DomainData, pixel_mean, train_and_save
+from bismap.training.checkpoint import fingerprint, load_model
 from bismap.training.distributed import (DistributedContext, launch, local_batch_size, process_devices, rank_slice,
-                                         unwrap_model, wrap_model)
+                                         unwrap_model)
 from bismap.training.ema import make_teacher, update_ema
 from bismap.training.optim import make_optimizer
 from bismap.training.supervised import RunPaths, TrainSettings, seed_everything
@@ -211,27 +210,17 @@ def self_train(inputs: SelfTrainInputs, paths: RunPaths, settings: SelfTrainSett
 
 def _self_train(context: DistributedContext, job: _SelfTrainJob) -> None:
     """One process's share of the training; rank 0 writes the outputs."""
-    inputs, settings, paths = job.inputs, job.settings, job.paths
+    inputs, settings = job.inputs, job.settings
     seed_everything(settings.training.seed)  # the same initial weights on every rank
-    model, model_settings, class_names = _initial_model(inputs, settings, context.device)
+    model, _, class_names = _initial_model(inputs, settings, context.device)
     optimizer = make_optimizer(model, settings.training.optimizer)
     teacher = make_teacher(model) if settings.use_consistency else None  # plain BatchNorm, eval mode
-    modules = {"model": model, "optimizer": optimizer}
-    if teacher is not None:
-        modules["teacher"] = teacher
-    state = LoopState(modules)  # restored before DDP wraps the model (the saved keys have no "module.")
-    run_id = fingerprint(job.run_settings, [str(path) for path in inputs.pseudo_label_dirs])
-    state.restore(paths.state, run_id, context, settings.training.seed)
-    network = wrap_model(model, context)  # SyncBN + DDP with several processes, else the model itself
-    network.train()
+    modules = {"model": model, "optimizer": optimizer, **({"teacher": teacher} if teacher is not None else {})}
     source, target = domains(inputs, settings.use_stm)
     if context.is_main:
         logger.info("self-training: STM %s, pseudo-labels %s, consistency %s (lambda %.3g)", settings.use_stm,
                     settings.use_pseudo_labels, settings.use_consistency, settings.consistency_weight)
-    step = SelfTrainStep(network, teacher, optimizer, settings, context)
-    run_loop(step, paired_batches(source, target, settings.training, state.iteration, context), optimizer,
-             settings.training, state, paths, run_id, context)
-    if context.is_main:
-        save_checkpoint(paths.checkpoint, unwrap_model(network), model_settings, class_names,
-                        settings.training.iterations, job.run_settings)
-        paths.state.unlink(missing_ok=True)
+    run_id = fingerprint(job.run_settings, [str(path) for path in inputs.pseudo_label_dirs])
+    run = AdaptationRun(model, optimizer, modules, source, target, settings.training, job.paths, run_id,
+                        class_names, job.run_settings)
+    train_and_save(run, lambda network: SelfTrainStep(network, teacher, optimizer, settings, context), context)
