@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -30,3 +30,9 @@ def rule_context(log_file: str | Path, threads: int = 1) -> Iterator[logging.Log
     finally:
         for handler in handlers:
             handler.flush()
+
+
+def optional_input(inputs: Mapping[str, str], name: str) -> Path | None:
+    """A named input a rule declares only in some configurations (GPA statistics, weights), or None."""
+    value = inputs.get(name)
+    return Path(value) if value else None

@@ -3,15 +3,10 @@
 from pathlib import Path
 
 from bismap.devices import acquire_devices
-from bismap.runtime import rule_context
+from bismap.runtime import optional_input, rule_context
 from bismap.settings import from_dict
 from bismap.training.selftrain import SelfTrainInputs, SelfTrainSettings, self_train
 from bismap.training.supervised import RunPaths
-
-
-def optional_path(name):
-    value = snakemake.input.get(name)
-    return Path(value) if value else None
 
 
 with rule_context(snakemake.log[0], snakemake.threads):
@@ -21,8 +16,8 @@ with rule_context(snakemake.log[0], snakemake.threads):
         target_manifest=Path(snakemake.input.target_manifest),
         pseudo_label_dirs=[Path(folder) for folder in snakemake.input.pseudo_labels],
         weight_dirs=[Path(folder) for folder in snakemake.input.get("transferability", [])],
-        photometric_statistics=optional_path("photometric_statistics"),
-        imagenet_weights=optional_path("imagenet"),
+        photometric_statistics=optional_input(snakemake.input, "photometric_statistics"),
+        imagenet_weights=optional_input(snakemake.input, "imagenet"),
     )
     paths = RunPaths(Path(snakemake.output.checkpoint), Path(snakemake.output.loss_log), Path(snakemake.params.state))
     # resources gpu=N (e.g. --set-resources selftrain:gpu=4): N processes, one per GPU, same global batch
