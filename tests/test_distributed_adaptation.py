@@ -26,15 +26,12 @@ tests by 1e-2 and more.
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from bismap.data.digit_scenes import DigitScenesSettings, generate_split
-from bismap.data.index import index_dataset
 from bismap.data.loading import AugmentSettings
 from bismap.data.strong_augment import StrongAugmentSettings
 from bismap.stm import encode_weight_png
@@ -44,11 +41,10 @@ from bismap.training.distill import DistillInputs, DistillSettings, DistillStep,
 from bismap.training.distributed import launch, process_devices
 from bismap.training.optim import OptimizerSettings
 from bismap.training.selftrain import SelfTrainInputs, SelfTrainSettings, self_train
-from bismap.training.supervised import RunPaths, TrainSettings, train_supervised
+from bismap.training.supervised import RunPaths, TrainSettings
 from tests import distributed_workers
 from tests.test_distributed import MODEL
-from tests.test_selftrain import write_maps
-from tests.test_training import CLASSES
+from tests.test_selftrain import make_adaptation_data
 
 LOSS_RTOL = 1e-4  # relative, per iteration and per logged term; see the module docstring
 WEIGHT_ATOL = 1e-4  # largest absolute difference of any weight after 4 iterations
@@ -76,16 +72,7 @@ def _weights(label: np.ndarray) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory, one_torch_thread: None) -> dict[str, Path]:
-    folder = tmp_path_factory.mktemp("adaptation")
-    settings = DigitScenesSettings(image_size=32, digit_size=(12, 16), digits_per_image=(1, 2))
-    for domain, seed in (("source", 5), ("target_train", 6)):
-        generate_split(folder / domain, domain, count=6, seed=seed, settings=settings)
-        index_dataset("digit_scenes", folder / domain, "", 11, True, folder / f"{domain}.json")
-    warmup = RunPaths(folder / "warmup.pt", folder / "warmup.tsv", folder / "state" / "warmup.pt")
-    train_supervised(folder / "source.json", warmup, dataclasses.replace(TRAINING, iterations=2), MODEL, CLASSES,
-                     CPU, run_settings={})
-    return {"folder": folder, "labels": write_maps(folder / "target_train.json", folder / "labels", _pseudo_labels),
-            "weights": write_maps(folder / "source.json", folder / "weights", _weights)}
+    return make_adaptation_data(tmp_path_factory.mktemp("adaptation"), _pseudo_labels, _weights, TRAINING, MODEL)
 
 
 def selftrain_inputs(data: dict) -> SelfTrainInputs:

@@ -13,6 +13,7 @@ from bismap.data.digit_scenes import DigitScenesSettings, generate_split
 from bismap.data.index import index_dataset
 from bismap.data.loading import AugmentSettings, Manifest
 from bismap.io import shard_png_paths, write_png
+from bismap.models import ModelSettings
 from bismap.stm import encode_weight_png
 from bismap.training.checkpoint import load_model
 from bismap.training.distill import DistillInputs, DistillSettings, distill
@@ -35,20 +36,25 @@ def write_maps(manifest: Path, folder: Path, make: callable) -> list[Path]:
     return shards
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory, one_torch_thread) -> dict[str, Path]:
-    folder = tmp_path_factory.mktemp("adaptation")
+def make_adaptation_data(folder: Path, pseudo_label: callable, weight: callable, training: TrainSettings = TRAINING,
+                         model: ModelSettings = MODEL) -> dict[str, Path]:
+    """Tiny source and target-train scenes, a 2-iteration warmup (``training``, ``model``), and per-image label
+    and weight PNGs made from each image's true label by ``pseudo_label`` and ``weight`` (two shard folders)."""
     settings = DigitScenesSettings(image_size=32, digit_size=(12, 16), digits_per_image=(1, 2))
     for domain, seed in (("source", 5), ("target_train", 6)):
         generate_split(folder / domain, domain, count=6, seed=seed, settings=settings)
         index_dataset("digit_scenes", folder / domain, "", 11, True, folder / f"{domain}.json")
     warmup = RunPaths(folder / "warmup.pt", folder / "warmup.tsv", folder / "state" / "warmup.pt")
-    train_supervised(folder / "source.json", warmup, dataclasses.replace(TRAINING, iterations=2), MODEL, CLASSES,
+    train_supervised(folder / "source.json", warmup, dataclasses.replace(training, iterations=2), model, CLASSES,
                      torch.device("cpu"), run_settings={})
-    labels = write_maps(folder / "target_train.json", folder / "labels", lambda label: label)  # perfect labels
-    half = write_maps(folder / "source.json", folder / "weights", lambda label: encode_weight_png(
-        np.full(label.shape, 0.5, dtype=np.float32)))
-    return {"folder": folder, "labels": labels, "weights": half}
+    return {"folder": folder, "labels": write_maps(folder / "target_train.json", folder / "labels", pseudo_label),
+            "weights": write_maps(folder / "source.json", folder / "weights", weight)}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory, one_torch_thread) -> dict[str, Path]:
+    half = lambda label: encode_weight_png(np.full(label.shape, 0.5, dtype=np.float32))  # noqa: E731
+    return make_adaptation_data(tmp_path_factory.mktemp("adaptation"), lambda label: label, half)  # perfect labels
 
 
 def inputs(data: dict, weights: list[Path] | None = None, labels: list[Path] | None = None) -> SelfTrainInputs:
