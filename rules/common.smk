@@ -339,7 +339,8 @@ def final_outputs():
 
 onsuccess:
     print(f"\nBiSMAP workflow finished. Results under {config['results']}/:")
-    print(f"  summary table: {results('report', 'summary.md')}")
+    print(f"  summary table (BiSMAP Tables 1 and 4): {results('report', 'summary.md')}")
+    print(f"  qualitative figure: {results('report', 'qualitative.png')}")
     for model in evaluated_models():
         print(f"  {model}: {results('evaluation', model, 'metrics.md')}")
     if maps_enabled():
