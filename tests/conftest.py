@@ -45,6 +45,19 @@ def tiny_config(results: Path) -> dict:
     return config
 
 
+def dies_on_call(function, call: int):
+    """``function``, except that its ``call``-th call raises KeyboardInterrupt: a job killed mid-training."""
+    calls = {"count": 0}
+
+    def wrapped(*arguments, **keywords):
+        calls["count"] += 1
+        if calls["count"] == call:
+            raise KeyboardInterrupt
+        return function(*arguments, **keywords)
+
+    return wrapped
+
+
 def write_config(path: Path, config: dict) -> Path:
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path

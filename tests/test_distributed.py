@@ -37,6 +37,7 @@ from bismap.training.distributed import (DistributedContext, RankSliceBatchSampl
 from bismap.training.optim import OptimizerSettings
 from bismap.training.supervised import RunPaths, TrainSettings, train_supervised
 from tests import distributed_workers
+from tests.conftest import dies_on_call
 from tests.test_training import CLASSES, MODEL as TRAINING_MODEL
 
 MODEL = dataclasses.replace(TRAINING_MODEL, aspp_dropout=0.0)  # dropout masks are drawn per process
@@ -106,15 +107,9 @@ def test_two_processes_train_like_one(manifest, one_process, tmp_path):
 
 
 def test_one_process_state_resumes_in_two(manifest, one_process, tmp_path, monkeypatch):
-    original_step, calls = supervised._train_step, {"count": 0}
-
-    def step_then_die(*arguments):
-        calls["count"] += 1
-        if calls["count"] == 4:  # killed during iteration 4, after the state saved at iteration 2
-            raise KeyboardInterrupt
-        return original_step(*arguments)
-
-    monkeypatch.setattr(supervised, "_train_step", step_then_die)
+    original_step = supervised._train_step
+    # killed during iteration 4, after the state saved at iteration 2
+    monkeypatch.setattr(supervised, "_train_step", dies_on_call(original_step, 4))
     with pytest.raises(KeyboardInterrupt):
         train(manifest, paths(tmp_path), world_size=1)
     monkeypatch.setattr(supervised, "_train_step", original_step)

@@ -43,6 +43,7 @@ from bismap.training.optim import OptimizerSettings
 from bismap.training.selftrain import SelfTrainInputs, SelfTrainSettings, self_train
 from bismap.training.supervised import RunPaths, TrainSettings
 from tests import distributed_workers
+from tests.conftest import dies_on_call
 from tests.test_distributed import MODEL
 from tests.test_selftrain import make_adaptation_data
 
@@ -148,15 +149,8 @@ def test_distillation_resumed_in_two_processes_matches_one(data, one_process_sel
     """1 process, killed in iteration 4 (state of iteration 2), finished by 2; the checkpoint loads in 1."""
     teacher = one_process_selftrain / "model.pt"
     distill(distill_inputs(data, teacher), paths(tmp_path / "reference"), DISTILL, CPU, {"test": "ddp"})
-    original, calls = DistillStep.__call__, {"count": 0}
-
-    def step_then_die(self, *arguments):
-        calls["count"] += 1
-        if calls["count"] == 4:
-            raise KeyboardInterrupt
-        return original(self, *arguments)
-
-    monkeypatch.setattr(DistillStep, "__call__", step_then_die)
+    original = DistillStep.__call__
+    monkeypatch.setattr(DistillStep, "__call__", dies_on_call(original, 4))
     with pytest.raises(KeyboardInterrupt):
         distill(distill_inputs(data, teacher), paths(tmp_path / "resumed"), DISTILL, CPU, {"test": "ddp"})
     monkeypatch.setattr(DistillStep, "__call__", original)

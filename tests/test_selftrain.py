@@ -20,6 +20,7 @@ from bismap.training.distill import DistillInputs, DistillSettings, distill
 from bismap.training.optim import OptimizerSettings
 from bismap.training.selftrain import SelfTrainInputs, SelfTrainSettings, SelfTrainStep, self_train
 from bismap.training.supervised import RunPaths, TrainSettings, train_supervised
+from tests.conftest import dies_on_call
 from tests.test_training import CLASSES, MODEL
 
 TRAINING = TrainSettings(iterations=4, batch_size=2, seed=3, log_interval=1, checkpoint_interval=2,
@@ -94,15 +95,8 @@ def test_transferability_maps_scale_the_source_loss(data, tmp_path):
 def test_resume_after_interruption_matches_uninterrupted_run(data, tmp_path, monkeypatch):
     reference, _ = train(data, tmp_path / "reference")
     original = SelfTrainStep.__call__
-    calls = {"count": 0}
-
-    def step_then_die(self, *arguments):
-        calls["count"] += 1
-        if calls["count"] == 4:  # killed in iteration 4, after the state saved at iteration 2
-            raise KeyboardInterrupt
-        return original(self, *arguments)
-
-    monkeypatch.setattr(SelfTrainStep, "__call__", step_then_die)
+    # killed in iteration 4, after the state saved at iteration 2
+    monkeypatch.setattr(SelfTrainStep, "__call__", dies_on_call(original, 4))
     with pytest.raises(KeyboardInterrupt):
         train(data, tmp_path / "resumed")
     assert torch.load(tmp_path / "resumed" / "state.pt", weights_only=False)["iteration"] == 2

@@ -15,6 +15,7 @@ from bismap.training import supervised
 from bismap.training.checkpoint import load_model
 from bismap.training.optim import OptimizerSettings
 from bismap.training.supervised import RunPaths, TrainSettings, train_supervised
+from tests.conftest import dies_on_call
 
 MODEL = ModelSettings(backbone_depth=18, backbone_width=8, output_stride=8, aspp_rates=(2,),
                       aspp_channels=16, low_level_channels=8, feature_dim=16)
@@ -56,15 +57,8 @@ def test_same_settings_give_identical_weights(manifest, tmp_path):
 def test_resume_after_interruption_matches_uninterrupted_run(manifest, tmp_path, monkeypatch):
     reference = run(manifest, tmp_path / "reference")
     original_step = supervised._train_step
-    calls = {"count": 0}
-
-    def step_then_die(*arguments):
-        calls["count"] += 1
-        if calls["count"] == 4:  # killed during iteration 4, after the state saved at iteration 2
-            raise KeyboardInterrupt
-        return original_step(*arguments)
-
-    monkeypatch.setattr(supervised, "_train_step", step_then_die)
+    # killed during iteration 4, after the state saved at iteration 2
+    monkeypatch.setattr(supervised, "_train_step", dies_on_call(original_step, 4))
     with pytest.raises(KeyboardInterrupt):
         run(manifest, tmp_path / "resumed")
     assert not (tmp_path / "resumed" / "model.pt").exists()
