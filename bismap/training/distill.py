@@ -38,7 +38,7 @@ from bismap.losses import kl_divergence_pixels, weighted_cross_entropy_pixels
 from bismap.models import build_model
 from bismap.training.adaptation import AdaptationRun, Batch, DomainData, pixel_mean, train_and_save
 from bismap.training.checkpoint import fingerprint, load_model
-from bismap.training.distributed import DistributedContext, launch, local_batch_size, process_devices
+from bismap.training.distributed import DistributedContext, launch_training
 from bismap.training.ema import make_teacher
 from bismap.training.optim import make_optimizer
 from bismap.training.supervised import RunPaths, TrainSettings, seed_everything
@@ -139,8 +139,8 @@ def distill(inputs: DistillInputs, paths: RunPaths, settings: DistillSettings, d
     ``device``: what ``acquire_devices(world_size)`` yielded; ``world_size`` > 1 trains in that
     many processes, one per acquired GPU (or CPU processes with gloo when there is no CUDA).
     """
-    local_batch_size(settings.training.batch_size, world_size)  # an uneven split fails here, naming both values
-    launch(_distill, process_devices(device, world_size), _DistillJob(inputs, paths, settings, run_settings))
+    launch_training(_distill, _DistillJob(inputs, paths, settings, run_settings), settings.training.batch_size,
+                    device, world_size)
 
 
 def _distill(context: DistributedContext, job: _DistillJob) -> None:

@@ -46,7 +46,7 @@ from bismap.training.processes import DistributedContext, barrier, launch, proce
 from bismap.training.sync_batchnorm import convert_cpu_sync_batchnorm
 
 __all__ = [
-    "DistributedContext", "launch", "process_devices", "barrier",  # processes
+    "DistributedContext", "launch", "launch_training", "process_devices", "barrier",  # processes
     "local_batch_size", "rank_slice", "RankSliceBatchSampler",  # batches
     "wrap_model", "unwrap_model", "all_reduce_sum", "all_reduce_mean", "global_mean_loss",  # model, losses
     "seed_rank_rng", "capture_rng", "restore_rng",  # random streams
@@ -55,6 +55,15 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+
+def launch_training(worker: Any, job: Any, global_batch_size: int, device: torch.device, world_size: int) -> None:
+    """Run ``worker(context, job)`` on ``world_size`` processes over the devices ``acquire_devices`` gave.
+
+    A global batch that ``world_size`` does not divide fails here, before any process starts.
+    """
+    local_batch_size(global_batch_size, world_size)
+    launch(worker, process_devices(device, world_size), job)
 
 
 # ----------------------------------------------------------------------------- batches

@@ -44,8 +44,7 @@ from bismap.losses import kl_divergence_pixels, symmetric_cross_entropy_pixels, 
 from bismap.models import ModelSettings, build_model
 from bismap.training.adaptation import AdaptationRun, Batch, DomainData, pixel_mean, train_and_save
 from bismap.training.checkpoint import fingerprint, load_model
-from bismap.training.distributed import (DistributedContext, launch, local_batch_size, process_devices, rank_slice,
-                                         unwrap_model)
+from bismap.training.distributed import DistributedContext, launch_training, rank_slice, unwrap_model
 from bismap.training.ema import make_teacher, update_ema
 from bismap.training.optim import make_optimizer
 from bismap.training.supervised import RunPaths, TrainSettings, seed_everything
@@ -204,8 +203,8 @@ def self_train(inputs: SelfTrainInputs, paths: RunPaths, settings: SelfTrainSett
     ``device``: what ``acquire_devices(world_size)`` yielded; ``world_size`` > 1 trains in that
     many processes, one per acquired GPU (or CPU processes with gloo when there is no CUDA).
     """
-    local_batch_size(settings.training.batch_size, world_size)  # an uneven split fails here, naming both values
-    launch(_self_train, process_devices(device, world_size), _SelfTrainJob(inputs, paths, settings, run_settings))
+    launch_training(_self_train, _SelfTrainJob(inputs, paths, settings, run_settings), settings.training.batch_size,
+                    device, world_size)
 
 
 def _self_train(context: DistributedContext, job: _SelfTrainJob) -> None:

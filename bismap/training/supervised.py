@@ -34,9 +34,8 @@ from bismap.data.samples import IGNORE_INDEX
 from bismap.io import write_text
 from bismap.models import ModelSettings, build_model
 from bismap.training.checkpoint import fingerprint, load_resume_state, save_checkpoint, save_resume_state
-from bismap.training.distributed import (DistributedContext, RankSliceBatchSampler, all_reduce_mean,
-                                         capture_rng, global_mean_loss, launch, local_batch_size,
-                                         process_devices, restore_rng, seed_rank_rng, unwrap_model,
+from bismap.training.distributed import (DistributedContext, RankSliceBatchSampler, all_reduce_mean, capture_rng,
+                                         global_mean_loss, launch_training, restore_rng, seed_rank_rng, unwrap_model,
                                          wrap_model)
 from bismap.training.optim import OptimizerSettings, make_optimizer, set_poly_learning_rate
 
@@ -107,10 +106,9 @@ def train_supervised(manifest_path: str | Path, paths: RunPaths, settings: Train
     ``device``: what ``acquire_devices(world_size)`` yielded; ``world_size`` > 1 trains in that
     many processes, one per acquired GPU (or CPU processes with gloo when there is no CUDA).
     """
-    local_batch_size(settings.batch_size, world_size)  # an uneven split fails here, naming both values
     job = _TrainJob(str(manifest_path), paths, settings, model_settings, list(class_names),  # plain types: pickled
                _optional_str(imagenet_weights), run_settings, _optional_str(photometric_statistics_path))
-    launch(_train, process_devices(device, world_size), job)
+    launch_training(_train, job, settings.batch_size, device, world_size)
 
 
 def _train(context: DistributedContext, job: _TrainJob) -> None:
