@@ -34,14 +34,16 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from fractions import Fraction
 
 import numpy as np
 import torch
+from PIL import Image
 
 __all__ = ["IGNORE_LABEL", "IGNORE_WEIGHT", "UNSEEN_CLASS_ENTROPY", "WEIGHT_MAX", "WEIGHT_PNG_SCALE",
            "pixel_entropy", "min_max_normalize", "ClassEntropyAccumulator", "MeanDistanceAccumulator",
-           "transferability_weights", "encode_weight_png", "decode_weight_png"]
+           "transferability_weights", "encode_weight_png", "decode_weight_png", "read_weight_map"]
 
 logger = logging.getLogger(__name__)
 
@@ -211,3 +213,14 @@ def decode_weight_png(encoded: np.ndarray) -> np.ndarray:
     if encoded.dtype != np.uint16:
         raise ValueError(f"expected uint16, got {encoded.dtype}")
     return (encoded.astype(np.float64) * (WEIGHT_MAX / WEIGHT_PNG_SCALE)).astype(np.float32)
+
+
+def read_weight_map(path: str | os.PathLike[str]) -> np.ndarray:
+    """A transferability PNG -> float32 (H, W) weights in [0, 1] (value / 65535); other PNGs raise ValueError."""
+    with Image.open(path) as image:
+        if image.mode not in ("I;16", "I;16B", "I;16L", "I"):
+            raise ValueError(f"{path} is not a 16-bit weight map (PIL mode {image.mode})")
+        codes = np.array(image)  # (H, W)
+    if codes.ndim != 2 or codes.min(initial=0) < 0 or codes.max(initial=0) > WEIGHT_PNG_SCALE:
+        raise ValueError(f"{path}: values outside the uint16 range or not 2-D ({codes.shape})")
+    return decode_weight_png(codes.astype(np.uint16))

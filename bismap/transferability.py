@@ -19,9 +19,10 @@ training loss sees it) and every pixel i at label resolution::
   ground truth; ignore pixels (255) get weight 0.0 (:mod:`bismap.stm`).
 
 Output: one 16-bit grayscale PNG per source image, ``<sample name>.png``, at
-label resolution; weight = value / 65535 (:func:`read_weight_map`). Images are
-processed one at a time, so any shard count gives byte-identical PNGs. The
-training stage finds them with :func:`weight_map_paths`.
+label resolution; weight = value / 65535 (read back by
+:func:`bismap.stm.read_weight_map`, imported here too). Images are processed
+one at a time, so any shard count gives byte-identical PNGs. The training
+stage finds them with :func:`weight_map_paths`.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ from bismap.data.samples import IGNORE_INDEX
 from bismap.embeddings import EmbeddingNetwork, embedding_dataset, upsampled_rows
 from bismap.io import atomic_path, read_json, shard_png_paths, write_json, write_png
 from bismap.pseudo_labels import shard_indices
-from bismap.stm import (WEIGHT_PNG_SCALE, MeanDistanceAccumulator, decode_weight_png, encode_weight_png,
+from bismap.stm import (WEIGHT_PNG_SCALE, MeanDistanceAccumulator, encode_weight_png, read_weight_map,
                         transferability_weights)
 from bismap.target_prototypes import load_prototypes, read_class_entropy
 
@@ -172,17 +173,6 @@ def write_weight_png(path: str | Path, codes: np.ndarray) -> None:
         raise ValueError(f"weight codes must be (H, W) uint16, got {codes.dtype} {codes.shape}")
     with atomic_path(path) as temporary:
         Image.fromarray(codes).save(temporary, format="PNG")
-
-
-def read_weight_map(path: str | Path) -> np.ndarray:
-    """A transferability PNG -> float32 (H, W) weights in [0, 1] (value / 65535); other PNGs raise ValueError."""
-    with Image.open(path) as image:
-        if image.mode not in ("I;16", "I;16B", "I;16L", "I"):
-            raise ValueError(f"{path} is not a 16-bit weight map (PIL mode {image.mode})")
-        codes = np.array(image)  # (H, W)
-    if codes.ndim != 2 or codes.min(initial=0) < 0 or codes.max(initial=0) > WEIGHT_PNG_SCALE:
-        raise ValueError(f"{path}: values outside the uint16 range or not 2-D ({codes.shape})")
-    return decode_weight_png(codes.astype(np.uint16))
 
 
 def weight_map_paths(directories: Sequence[str | Path], expected_names: Sequence[str] | None = None

@@ -26,11 +26,10 @@ from bismap.data.samples import (
     Sample,
     check_same_size,
     open_image,
-    open_label_array,
     read_train_id_label,
 )
 from bismap.io import read_json
-from bismap.stm import decode_weight_png
+from bismap.stm import read_weight_map
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -164,13 +163,9 @@ class SegmentationDataset(Dataset):
         return label
 
     def _weight(self, sample: Sample, image_shape: tuple[int, ...]) -> np.ndarray:
-        path = self.weight_paths[sample.name]
-        encoded = open_label_array(path)
-        if encoded.ndim != 2 or encoded.dtype != np.uint16:
-            raise DatasetError(f"expected a single-channel 16-bit weight PNG: {path} has {encoded.dtype} "
-                               f"{encoded.shape}")
-        check_same_size(image_shape, encoded.shape, sample)
-        return decode_weight_png(encoded)  # (H, W) float32 in [0, 1]
+        weights = read_weight_map(self.weight_paths[sample.name])  # (H, W) float32 in [0, 1]
+        check_same_size(image_shape, weights.shape, sample)
+        return weights
 
 
 class ResumableBatchSampler(Sampler[list[tuple[int, int]]]):
