@@ -91,7 +91,7 @@ def main() -> None:
     print(f"embeddings: {source}, {embeddings.shape[0]} x {embeddings.shape[1]}; J = {j}, "
           f"{iterations} iterations, {threads} thread(s)")
     runs = [("FAISS, bismap.clustering.kmeans", min(len(embeddings), 256 * j),
-             lambda: kmeans(embeddings, j, seed, iterations, use_gpu=False)),
+             lambda: kmeans(embeddings, j, seed, iterations, device="cpu")),
             ("FAISS, all points", len(embeddings), lambda: faiss_all_points(embeddings, j, seed, iterations)),
             ("scikit-learn KMeans (lloyd, k-means++)", len(embeddings),
              lambda: sklearn_kmeans(embeddings, j, seed, iterations))]

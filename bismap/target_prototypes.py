@@ -32,7 +32,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from bismap.clustering import kmeans, nearest_distance
+from bismap.clustering import PrototypeSearch, kmeans
 from bismap.data.loading import Manifest, SegmentationDataset
 from bismap.embeddings import EmbeddingNetwork, embedding_dataset, pixel_embeddings
 from bismap.io import atomic_path, write_json
@@ -60,7 +60,7 @@ class PrototypeSettings:
     clusters: int = 40  # J (the public BiSMAP code uses 40)
     seed: int = 0
     iterations: int = 20
-    use_gpu: bool = False  # FAISS GPU K-Means (needs a faiss-gpu build)
+    use_gpu: bool = False  # stm.kmeans_gpu: the rule asks for a GPU; FAISS uses it if it is a GPU build
 
 
 @dataclass(frozen=True)
@@ -139,24 +139,17 @@ def load_prototypes(path: str | Path) -> np.ndarray:
     return centroids
 
 
-def fit_target_prototypes(embeddings_path: str | Path, output_path: str | Path,
-                          settings: PrototypeSettings) -> np.ndarray:
-    """BiSMAP Sec. 3.4: J K-Means centres of the target embeddings (FAISS), saved as (J, E) .npy."""
+def fit_target_prototypes(embeddings_path: str | Path, output_path: str | Path, settings: PrototypeSettings,
+                          device: torch.device | str = "cpu") -> np.ndarray:
+    """BiSMAP Sec. 3.4: J K-Means centres of the target embeddings (FAISS on ``device``), saved as (J, E) .npy."""
     embeddings = read_target_embeddings(embeddings_path)  # (N, E)
-    centroids = kmeans(embeddings, settings.clusters, settings.seed, settings.iterations,
-                       use_gpu=settings.use_gpu)  # (J, E)
-    distances = nearest_distance(embeddings, centroids)  # (N,), Eq. 7 on the target itself
-    counts = np.bincount(_nearest_index(embeddings, centroids), minlength=settings.clusters)
+    centroids = kmeans(embeddings, settings.clusters, settings.seed, settings.iterations, device=device)  # (J, E)
+    distances, nearest = PrototypeSearch(centroids, device).search(embeddings)  # (N,), (N,): Eq. 7 on the target
+    counts = np.bincount(nearest, minlength=settings.clusters)
     logger.info("J=%d target prototypes: mean target distance %.4f, cluster sizes min %d / max %d",
                 settings.clusters, float(distances.astype(np.float64).mean()), counts.min(), counts.max())
     save_prototypes(output_path, centroids)
     return centroids
-
-
-def _nearest_index(embeddings: np.ndarray, centroids: np.ndarray) -> np.ndarray:
-    """Index of the nearest centroid per row (N,) (for the log only)."""
-    squared = (embeddings ** 2).sum(1)[:, None] - 2 * embeddings @ centroids.T + (centroids ** 2).sum(1)[None]
-    return squared.argmin(axis=1)
 
 
 @torch.no_grad()

@@ -8,9 +8,11 @@ training loss sees it) and every pixel i at label resolution::
 
 * \\hat{f}^s: :mod:`bismap.embeddings`. ``distance_resolution: image``
   (default, BiSMAP footnote 1): the embedding map is bilinearly upsampled to
-  the label size and Eq. 7 is evaluated at every pixel (FAISS exact search, in
-  chunks of ``chunk_rows`` pixels); ``embedding``: Eq. 7 at the embedding
-  cells, then the distance map is bilinearly upsampled (cheaper by ~stride^2).
+  the label size and Eq. 7 is evaluated at every pixel (exact search in
+  chunks of ``chunk_rows`` pixels on the job's device,
+  :class:`bismap.clustering.PrototypeSearch`); ``embedding``: Eq. 7 at the
+  embedding cells, then the distance map is bilinearly upsampled (cheaper by
+  ~stride^2).
 * d_mean: mean of D over every pixel of the WHOLE source set, from a separate
   pass (:func:`source_distance_statistics`, one job per shard) whose exact
   partial sums (:class:`bismap.stm.MeanDistanceAccumulator`) are merged before
@@ -40,7 +42,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from bismap.clustering import nearest_distance
+from bismap.clustering import PrototypeSearch
 from bismap.data.loading import Manifest
 from bismap.data.photometric import load_statistics
 from bismap.data.samples import IGNORE_INDEX
@@ -59,7 +61,7 @@ RESOLUTIONS = ("image", "embedding")
 @dataclass(frozen=True)
 class TransferabilitySettings:
     distance_resolution: str = "image"  # "image": BiSMAP footnote 1; "embedding": distances upsampled
-    chunk_rows: int = 65_536  # pixels per FAISS search
+    chunk_rows: int = 65_536  # pixels per nearest-prototype search
     histogram_bins: int = 20  # per-class weight histogram over [0, 1] in the summary
     workers: int = 0
 
@@ -71,16 +73,16 @@ class TransferabilitySettings:
 
 
 @torch.no_grad()
-def image_distances(network: EmbeddingNetwork, image: torch.Tensor, centroids: np.ndarray,
+def image_distances(network: EmbeddingNetwork, image: torch.Tensor, search: PrototypeSearch,
                     settings: TransferabilitySettings) -> np.ndarray:
-    """BiSMAP Eq. 7 for one image (3, H, W) -> D (H, W) float32 at image resolution."""
+    """BiSMAP Eq. 7 for one image (3, H, W) -> D (H, W) float32 at image resolution; ``search`` holds {A_j}."""
     embeddings = network(image[None])[0].float()  # (E, h, w)
     size = tuple(image.shape[-2:])  # (H, W)
     if settings.distance_resolution == "embedding":
-        cells = nearest_distance(embeddings.flatten(1).T.cpu().numpy(), centroids)  # (h*w,)
+        cells = search.distances(embeddings.flatten(1).T)  # (h*w,)
         grid = torch.from_numpy(cells).view(1, 1, *embeddings.shape[-2:])  # (1, 1, h, w)
         return F.interpolate(grid, size=size, mode="bilinear", align_corners=False)[0, 0].numpy()
-    parts = [nearest_distance(rows.cpu().numpy(), centroids)  # (n,) per chunk of whole image rows
+    parts = [search.distances(rows)  # (n,) per chunk of whole image rows
              for rows in upsampled_rows(embeddings, size, settings.chunk_rows)]
     return np.concatenate(parts).reshape(size)
 
@@ -112,12 +114,12 @@ def source_distance_statistics(network: EmbeddingNetwork, manifest_path: str | P
                                settings: TransferabilitySettings, device: torch.device,
                                photometric_statistics_path: str | Path | None = None) -> dict[str, Any]:
     """The d_mean pass (Eq. 9) over one shard: exact sum and count of D over all its pixels, JSON."""
-    centroids = load_prototypes(prototypes_path)  # (J, E)
+    search = PrototypeSearch(load_prototypes(prototypes_path), device, chunk_rows=settings.chunk_rows)  # J x E
     manifest = Manifest.load(manifest_path)
     loader = source_loader(manifest, network, shard_index, shard_count, settings.workers, photometric_statistics_path)
     accumulator = MeanDistanceAccumulator()
     for item in tqdm(loader, desc=f"source distances {shard_index + 1}/{shard_count}", unit="img"):
-        accumulator.add(image_distances(network, item["image"].to(device), centroids, settings))
+        accumulator.add(image_distances(network, item["image"].to(device), search, settings))
     result = {"shard_index": shard_index, "shard_count": shard_count, "images": len(loader.dataset),
               "distance_sum": float(accumulator.total()), **accumulator_state(accumulator)}
     write_json(output_path, result)
@@ -190,6 +192,7 @@ def write_weight_maps(network: EmbeddingNetwork, manifest_path: str | Path, prot
                       statistics_path: str | Path | None = None) -> dict[str, Any]:
     """Eq. 9 maps of one shard's source images as ``<output_dir>/<name>.png``; returns (writes) statistics."""
     centroids = load_prototypes(prototypes_path)  # (J, E)
+    search = PrototypeSearch(centroids, device, chunk_rows=settings.chunk_rows)
     d_mean, pixels = mean_distance(distance_paths)
     entropy = read_class_entropy(class_entropy_path, class_names)  # e' (C,)
     manifest = Manifest.load(manifest_path)
@@ -197,7 +200,7 @@ def write_weight_maps(network: EmbeddingNetwork, manifest_path: str | Path, prot
     statistics = WeightStatistics(len(class_names), settings.histogram_bins)
     logger.info("d_mean %.6f over %d source pixels; J = %d prototypes", d_mean, pixels, len(centroids))
     for item in tqdm(loader, desc=f"transferability {shard_index + 1}/{shard_count}", unit="img"):
-        distances = image_distances(network, item["image"].to(device), centroids, settings)  # (H, W), Eq. 7
+        distances = image_distances(network, item["image"].to(device), search, settings)  # (H, W), Eq. 7
         labels = item["label"].numpy()  # (H, W)
         codes = encode_weight_png(transferability_weights(distances, labels, d_mean, entropy))  # Eq. 9
         write_weight_png(Path(output_dir) / f"{manifest.samples[item['index']].name}.png", codes)

@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from bismap.clustering import PrototypeSearch
 from bismap.data.digit_scenes import DigitScenesSettings, generate_split
 from bismap.data.index import index_dataset
 from bismap.data.loading import Manifest
@@ -121,8 +122,8 @@ def test_maps_follow_eq9_and_ignore_pixels_get_zero(stm_inputs):
     item = embedding_dataset(manifest, IMAGENET, labelled=True)[2]
     label = item["label"].numpy()
     weights = read_weight_map(weight_map_paths([folder / "forward_weights_0"])[manifest.samples[2].name])
-    expected = transferability_weights(image_distances(network, item["image"], centroids, SETTINGS), label,
-                                       d_mean, entropy)
+    distances = image_distances(network, item["image"], PrototypeSearch(centroids), SETTINGS)  # (H, W)
+    expected = transferability_weights(distances, label, d_mean, entropy)
     assert weights.dtype == np.float32 and weights.shape == (32, 32)
     np.testing.assert_allclose(weights, expected, atol=0.5 / WEIGHT_PNG_SCALE + 1e-7)
     assert (label == 255).sum() > 0 and (weights[label == 255] == 0.0).all()
@@ -190,7 +191,8 @@ def test_embedding_resolution_upsamples_cell_distances(stm_inputs):
     cells = network(image[None])[0]  # (64, 4, 5)
     grid = torch.from_numpy(nearest_distance(cells.flatten(1).T.detach().numpy(), centroids)).view(1, 1, 4, 5)
     expected = F.interpolate(grid, size=(32, 40), mode="bilinear", align_corners=False)[0, 0].numpy()
-    coarse = image_distances(network, image, centroids, TransferabilitySettings(distance_resolution="embedding"))
+    search = PrototypeSearch(centroids)
+    coarse = image_distances(network, image, search, TransferabilitySettings(distance_resolution="embedding"))
     np.testing.assert_allclose(coarse, expected, rtol=1e-6)
-    fine = image_distances(network, image, centroids, SETTINGS)
+    fine = image_distances(network, image, search, SETTINGS)
     assert fine.shape == (32, 40) and not np.allclose(fine, coarse)  # footnote 1: not the same quantity

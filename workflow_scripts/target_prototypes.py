@@ -8,9 +8,10 @@ from bismap.target_prototypes import PrototypeSettings, fit_target_prototypes, s
 with rule_context(snakemake.log[0], snakemake.threads):
     set_faiss_threads(snakemake.threads)
     # gpu=1 only with stm.kmeans_gpu: the slot narrows CUDA_VISIBLE_DEVICES before FAISS initialises CUDA
-    with acquire_devices(snakemake.resources.get("gpu", 0)):
+    with acquire_devices(snakemake.resources.get("gpu", 0)) as device:
         fit_target_prototypes(
             embeddings_path=snakemake.input.embeddings,
             output_path=snakemake.output.prototypes,
             settings=from_dict(PrototypeSettings, snakemake.params.settings, "stm (target prototypes)"),
+            device=device,
         )
