@@ -162,10 +162,24 @@ def flip_averaged_logits(model: torch.nn.Module, image: torch.Tensor, logits: to
     return ((logits.softmax(dim=1) + mirrored.softmax(dim=1)) / 2).log()
 
 
+def network_outputs(model: torch.nn.Module, image: torch.Tensor, flip_average: bool) -> tuple[torch.Tensor, ...]:
+    """One (1, 3, H, W) image -> its (K, h, w) logits (flip-averaged if asked) and (D, h, w) decoder features."""
+    output = model(image)
+    logits = flip_averaged_logits(model, image, output.logits) if flip_average else output.logits
+    return logits[0], output.features[0]
+
+
 def upsample_labels(labels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """(h, w) labels -> (H, W) uint8 by nearest neighbour."""
     upsampled = F.interpolate(labels[None, None].float(), size=size, mode="nearest")  # (1, 1, H, W)
     return upsampled[0, 0].to(torch.uint8)
+
+
+def image_labels(logits: torch.Tensor, features: torch.Tensor, size: tuple[int, int], settings: PseudoLabelSettings,
+                 prototypes: ClassPrototypes | None, thresholds: torch.Tensor | None) -> np.ndarray:
+    """The scoring stage of one image: (K, h, w) logits, (D, h, w) features -> (H, W) uint8 labels, 255 = ignore."""
+    labels = label_map(logits, features, settings, prototypes, thresholds)  # (h, w)
+    return upsample_labels(labels, size).cpu().numpy()
 
 
 class LabelStatistics:
@@ -268,12 +282,10 @@ def label_images(checkpoint_path: str | Path, manifest_path: str | Path, prototy
     statistics = LabelStatistics(class_names)
     for item in tqdm(loader, desc=f"pseudo-labels {shard_index + 1}/{shard_count}", unit="img"):
         image = item["image"][None].to(device)  # one image at a time: shard-independent results
-        output = model(image)
-        logits = flip_averaged_logits(model, image, output.logits) if settings.flip_average else output.logits
-        labels = label_map(logits[0], output.features[0], settings, prototypes, thresholds)  # (h, w)
-        image_labels = upsample_labels(labels, tuple(item["image"].shape[-2:])).cpu().numpy()  # (H, W)
-        write_png(Path(output_dir) / f"{manifest.samples[item['index']].name}.png", image_labels)
-        statistics.add(image_labels, item["label"].numpy() if has_truth else None)
+        logits, features = network_outputs(model, image, settings.flip_average)  # (K, h, w), (D, h, w)
+        labels = image_labels(logits, features, tuple(image.shape[-2:]), settings, prototypes, thresholds)  # (H, W)
+        write_png(Path(output_dir) / f"{manifest.samples[item['index']].name}.png", labels)
+        statistics.add(labels, item["label"].numpy() if has_truth else None)
     result = statistics.as_dict(has_truth)
     result.update(strategy=settings.strategy, shard_index=shard_index, shard_count=shard_count)
     if statistics_path is not None:
