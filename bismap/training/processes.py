@@ -74,23 +74,26 @@ def process_devices(device: torch.device, count: int) -> list[torch.device]:
     return [device] * count
 
 
-def launch(worker: Callable[..., R], devices: Sequence[torch.device], *args: Any) -> R:
+def launch(worker: Callable[..., R], devices: Sequence[torch.device], *args: Any, backend: str | None = None) -> R:
     """Run ``worker(context, *args)`` once per device and return rank 0's result.
 
     One device: called in this process with ``DistributedContext(0, 1, device)``, nothing
     else. Several: one child process each (the worker and ``args`` must pickle; the worker
     must be importable by name); an exception or signal in any child stops all and raises
-    ``RuntimeError`` naming the rank.
+    ``RuntimeError`` naming the rank. ``backend``: NCCL on CUDA and gloo on the CPU unless
+    given; NCCL needs a distinct GPU per process, so several processes on one GPU (a
+    one-GPU check of the multi-GPU path) need ``backend="gloo"``.
     """
     if len(devices) == 1:
         return worker(DistributedContext(0, 1, devices[0]), *args)
+    backend = backend or ("nccl" if devices[0].type == "cuda" else "gloo")
     with tempfile.TemporaryDirectory(prefix="bismap-ddp-") as folder:
         job = _Job(worker, args, [str(device) for device in devices], str(Path(folder) / "store"),
                    str(Path(folder) / "result.pkl"), _parent_log_files(), logging.getLogger().level,
-                   max(1, torch.get_num_threads() // len(devices)), os.getpid())
+                   max(1, torch.get_num_threads() // len(devices)), os.getpid(), backend)
         payload = Path(folder) / "job.pkl"
         payload.write_bytes(pickle.dumps(job))
-        logger.info("launching %d processes on %s", len(devices), ", ".join(job.devices))
+        logger.info("launching %d processes on %s (%s)", len(devices), ", ".join(job.devices), backend)
         _flush_log_files()
         processes = [_start_child(payload, rank, job) for rank in range(len(devices))]
         try:
@@ -112,6 +115,7 @@ class _Job:
     log_level: int
     threads: int
     parent_pid: int
+    backend: str
 
 
 def _start_child(payload: Path, rank: int, job: _Job) -> subprocess.Popen:
@@ -164,9 +168,8 @@ def _child_main() -> None:
     context = DistributedContext(rank, len(job.devices), torch.device(job.devices[rank]))
     if context.device.type == "cuda":
         torch.cuda.set_device(context.device)
-    backend = "nccl" if context.device.type == "cuda" else "gloo"
-    dist.init_process_group(backend, init_method=f"file://{job.store_path}", rank=rank,
-                            world_size=context.world_size, device_id=_device_id(context))
+    dist.init_process_group(job.backend, init_method=f"file://{job.store_path}", rank=rank,
+                            world_size=context.world_size, device_id=_device_id(context, job.backend))
     try:
         result = job.worker(context, *job.args)
         if context.is_main:
@@ -179,8 +182,9 @@ def _child_main() -> None:
         dist.destroy_process_group()
 
 
-def _device_id(context: DistributedContext) -> torch.device | None:
-    return context.device if context.device.type == "cuda" else None
+def _device_id(context: DistributedContext, backend: str) -> torch.device | None:
+    """The GPU an NCCL process group binds to; none for gloo (also gloo on CUDA tensors)."""
+    return context.device if context.device.type == "cuda" and backend == "nccl" else None
 
 
 def _exit_with_parent(parent_pid: int) -> None:
@@ -221,4 +225,5 @@ def _seek_log_files_to_end() -> None:
 
 def barrier(context: DistributedContext) -> None:
     if context.distributed:
-        dist.barrier(device_ids=[context.device.index] if context.device.type == "cuda" else None)
+        nccl = context.device.type == "cuda" and dist.get_backend() == "nccl"
+        dist.barrier(device_ids=[context.device.index] if nccl else None)
