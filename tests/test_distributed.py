@@ -196,3 +196,22 @@ def test_concurrent_two_gpu_jobs_get_distinct_device_slots(tmp_path):
     assert all(len(job_slots) == 2 for job_slots in slots)
     assert slots[0].isdisjoint(slots[1]) and slots[0] | slots[1] == {"0", "1", "2", "3"}
     assert all(ranks == ["cuda:0", "cuda:1"] for _, ranks in got)  # rank r -> r-th of the job's own GPUs
+
+
+def test_ddp_buffer_sync_switch_follows_the_installed_torch():
+    from bismap.training.distributed import _no_forward_buffer_sync
+
+    class OlderDDP:  # torch < 2.14: only broadcast_buffers
+        def __init__(self, module, device_ids=None, broadcast_buffers=True):
+            pass
+
+    class NewerDDP:  # torch >= 2.14: forward_sync_buffers (broadcast_buffers deprecated)
+        def __init__(self, module, device_ids=None, broadcast_buffers=None, forward_sync_buffers=None):
+            pass
+
+    assert _no_forward_buffer_sync(OlderDDP) == {"broadcast_buffers": False}
+    assert _no_forward_buffer_sync(NewerDDP) == {"forward_sync_buffers": False}
+    from packaging.version import Version
+
+    newer = Version(torch.__version__.split("+")[0]) >= Version("2.14")
+    assert _no_forward_buffer_sync() == ({"forward_sync_buffers": False} if newer else {"broadcast_buffers": False})

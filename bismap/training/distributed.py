@@ -31,6 +31,7 @@ tests use it, and it lets a laptop check a multi-GPU configuration.
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Iterator, Sequence
 from typing import Any, TypeVar
@@ -118,8 +119,15 @@ def wrap_model(model: nn.Module, context: DistributedContext, **ddp_options: Any
     device_ids = [context.device] if context.device.type == "cuda" else None
     # Synchronised BatchNorm keeps the running statistics equal on every rank: no buffer broadcast
     # before each forward (DDP still copies rank 0's parameters and buffers once, at construction).
-    options = {"forward_sync_buffers": False, **ddp_options}
+    options = {**_no_forward_buffer_sync(), **ddp_options}
     return DistributedDataParallel(model, device_ids=device_ids, **options)
+
+
+def _no_forward_buffer_sync(ddp_class: type = DistributedDataParallel) -> dict[str, bool]:
+    """DDP's switch for the per-forward buffer broadcast: ``forward_sync_buffers`` from torch 2.14 (the pin),
+    ``broadcast_buffers`` before it (the same meaning; lets a GPU machine's own torch run the device check)."""
+    parameters = inspect.signature(ddp_class.__init__).parameters
+    return {"forward_sync_buffers": False} if "forward_sync_buffers" in parameters else {"broadcast_buffers": False}
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
