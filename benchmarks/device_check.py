@@ -241,6 +241,8 @@ def collect(arguments: argparse.Namespace, no_gpu_reason: str | None) -> list[Ch
         results.append(CheckResult("tiny workflow, --resources gpu=1", str(device), "skipped",
                                    note=f"{flag} given (tests/test_workflow.py runs the tiny workflow on the CPU)"))
     else:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # the workflow's jobs share the GPU with this process
         results += run_check("tiny workflow", str(device),
                              lambda: tiny_workflow(arguments.cores, arguments.workflow_timeout, arguments.output))
     return results
