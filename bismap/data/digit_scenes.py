@@ -44,6 +44,7 @@ DIGIT_INTENSITY_MAX = 16.0  # load_digits stores intensities as 0..16
 # Many load_digits strokes touch the 8x8 frame; a zero margin makes them fade
 # out when upscaled instead of ending in a straight cut at the digit's box.
 DIGIT_MARGIN = 1
+PLACEMENT_ATTEMPTS = 20  # positions tried for a digit that must not overlap the placed ones
 
 # Grey textures for the source domain and colour photos for the target domain.
 # Only pictures stored inside the scikit-image wheel are listed: others in
@@ -68,6 +69,10 @@ class DigitScenesSettings:
     stroke_threshold: float = 0.5
     background_threshold: float = 0.15
     source_contrast: tuple[float, float] = (0.3, 1.0)
+    # Digits painted over each other form shapes no class describes (a 5 over a 2
+    # reads as neither); with overlap off a digit whose box meets a placed one is
+    # redrawn (PLACEMENT_ATTEMPTS times, then dropped), so every label is legible.
+    overlap: bool = True
 
 
 @dataclass(frozen=True)
@@ -196,11 +201,16 @@ def _compose_digits(
     size = settings.image_size
     alpha = np.zeros((size, size), dtype=np.float32)
     stroke_class = np.full((size, size), IGNORE_INDEX, dtype=np.uint8)
+    boxes: list[tuple[int, int, int]] = []  # (top, left, size) of the digits placed so far
     low, high = settings.digits_per_image
     for _ in range(int(rng.integers(low, high + 1))):
         index = int(rng.choice(resources.pool))
         digit_size = int(rng.integers(settings.digit_size[0], settings.digit_size[1] + 1))
-        top, left = (int(value) for value in rng.integers(0, size - digit_size + 1, size=2))
+        position = _place(rng, size, digit_size, None if settings.overlap else boxes)
+        if position is None:
+            continue
+        top, left = position
+        boxes.append((top, left, digit_size))
         matrix = _bilinear_matrix(digit_size)
         digit = np.clip(matrix @ resources.digit_images[index] @ matrix.T, 0.0, 1.0)
         window = (slice(top, top + digit_size), slice(left, left + digit_size))
@@ -208,6 +218,22 @@ def _compose_digits(
         # Later digits paint over earlier ones wherever they have stroke.
         stroke_class[window][digit >= settings.stroke_threshold] = resources.digit_classes[index]
     return alpha, _label_from(alpha, stroke_class, settings)
+
+
+def _place(rng: np.random.Generator, image_size: int, digit_size: int,
+           avoid: list[tuple[int, int, int]] | None) -> tuple[int, int] | None:
+    """(top, left) of a digit box; with ``avoid``, one that meets none of those boxes, or None."""
+    for _ in range(1 if avoid is None else PLACEMENT_ATTEMPTS):
+        top, left = (int(value) for value in rng.integers(0, image_size - digit_size + 1, size=2))
+        if avoid is None or not any(_boxes_meet(top, left, digit_size, box) for box in avoid):
+            return top, left
+    return None
+
+
+def _boxes_meet(top: int, left: int, size: int, box: tuple[int, int, int]) -> bool:
+    other_top, other_left, other_size = box
+    return top < other_top + other_size and other_top < top + size and left < other_left + other_size \
+        and other_left < left + size
 
 
 def _label_from(alpha: np.ndarray, stroke_class: np.ndarray, settings: DigitScenesSettings) -> np.ndarray:
