@@ -267,7 +267,10 @@ def fit_class_gmms(features_path: str | Path, class_ids: Sequence[int], settings
 
 
 def class_gmm_paths(directories: Sequence[str | Path], class_count: int) -> list[Path]:
-    """The ``class_<c>.h5`` files of the fit jobs' folders in class order 0..class_count-1; a gap or a duplicate raises."""
+    """The ``class_<c>.h5`` files of the fit jobs' folders, in class order 0..class_count-1.
+
+    A missing, unexpected or duplicated class raises, naming it.
+    """
     found: dict[int, Path] = {}
     for path in (path for directory in map(Path, directories) for path in sorted(directory.glob("class_*.h5"))):
         class_id = int(path.stem.removeprefix("class_"))
