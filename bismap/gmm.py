@@ -3,7 +3,8 @@
 Workflow use (one job per step):
 
 1. :func:`bismap.features.extract_source_features` -> features HDF5 (Eq. 3);
-2. :func:`fit_class_gmm` + :func:`save_class_gmm`, one job per class (fan-out);
+2. :func:`fit_class_gmms`: :func:`fit_class_gmm` + :func:`save_class_gmm` for some
+   classes, one folder of ``class_<c>.h5`` per job (fan-out; gathered by :func:`class_gmm_paths`);
 3. :func:`merge_class_gmms` -> :class:`ClassPrototypes`, saved with ``save``.
 
 Features are standardised before fitting (``GMMSettings.standardize``) with the
@@ -33,11 +34,11 @@ import numpy as np
 import torch
 
 from bismap.features import read_class_features, read_feature_info
-from bismap.io import atomic_path
+from bismap.io import atomic_directory, atomic_path
 from bismap.mixture import GaussianMixture, diag_parameters, fit_gmm
 
 __all__ = ["GMMSettings", "GaussianMixture", "fit_gmm", "Standardizer", "ClassPrototypes", "fit_class_gmm",
-           "save_class_gmm", "load_class_gmm", "merge_class_gmms", "torch_dtype"]
+           "save_class_gmm", "load_class_gmm", "merge_class_gmms", "torch_dtype", "fit_class_gmms", "class_gmm_paths"]
 
 logger = logging.getLogger(__name__)
 
@@ -249,6 +250,38 @@ def save_class_gmm(path: str | Path, mixture: GaussianMixture | None, class_id: 
                             present=mixture is not None)
         if mixture is not None:
             write_mixture(handle.create_group("mixture"), mixture)
+
+
+def fit_class_gmms(features_path: str | Path, class_ids: Sequence[int], settings: GMMSettings,
+                   output_dir: str | Path, device: torch.device | str = "cpu") -> None:
+    """Fit and save ``class_<c>.h5`` for each of ``class_ids`` into ``output_dir`` (written as a whole, atomically).
+
+    Each class's fit depends on its own features and seed (``settings.seed`` + class id)
+    only, so any split of the classes over jobs gives the same files.
+    """
+    class_names = read_feature_info(features_path).class_names
+    with atomic_directory(output_dir) as temporary:
+        for class_id in class_ids:
+            mixture = fit_class_gmm(features_path, class_id, settings, device)
+            save_class_gmm(temporary / f"class_{class_id}.h5", mixture, class_id, class_names[class_id])
+
+
+def class_gmm_paths(directories: Sequence[str | Path], class_count: int) -> list[Path]:
+    """The ``class_<c>.h5`` files of the fit jobs' folders, in class order 0..class_count-1.
+
+    A missing, unexpected or duplicated class raises, naming it.
+    """
+    found: dict[int, Path] = {}
+    for path in (path for directory in map(Path, directories) for path in sorted(directory.glob("class_*.h5"))):
+        class_id = int(path.stem.removeprefix("class_"))
+        if class_id in found:
+            raise ValueError(f"class {class_id} has two GMM files: {found[class_id]} and {path}")
+        found[class_id] = path
+    missing = sorted(set(range(class_count)) - set(found))
+    if missing or len(found) != class_count:
+        raise FileNotFoundError(f"GMM files in {[str(d) for d in directories]}: classes {missing} missing, "
+                                f"{sorted(set(found) - set(range(class_count)))} unexpected")
+    return [found[class_id] for class_id in range(class_count)]
 
 
 def load_class_gmm(path: str | Path) -> tuple[int, GaussianMixture | None]:

@@ -69,3 +69,20 @@ def _plain(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_plain(item) for item in value]
     return value
+
+
+def with_run_seed(settings: Any, run_seed: int | str, stride: int = 1) -> Any:
+    """``settings`` (plain dicts, lists, scalars) with every integer under a key 'seed' offset by stride x run_seed.
+
+    The workflow's run seeds (config ``seeds``) enter every stage through this:
+    stage seeds get +run_seed, the digit-scenes split seeds +1000 x run_seed, so
+    run seed 0 is exactly the configured run. Returns new builtin dicts and lists
+    (tuples become lists), whatever the nesting.
+    """
+    offset = stride * int(run_seed)
+    if isinstance(settings, dict):
+        return {key: value + offset if key == "seed" and isinstance(value, int) and not isinstance(value, bool)
+                else with_run_seed(value, run_seed, stride) for key, value in settings.items()}
+    if isinstance(settings, (list, tuple)):
+        return [with_run_seed(item, run_seed, stride) for item in settings]
+    return settings

@@ -7,6 +7,7 @@ from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
 import bismap
+from bismap.settings import with_run_seed  # run seed -> every stage's seeds (digit-scenes splits: stride 1000)
 
 validate(config, schema="../config/schema.yaml")
 
@@ -15,24 +16,45 @@ CODE_VERSION = bismap.CODE_VERSION
 CONDA_ENV = "../envs/bismap.yaml"
 
 
+# Every per-run output lives under results/<name>/seed_{seed}/; only the report over
+# the seeds (rule report_seeds) is outside. {seed} is a run seed of config `seeds`.
+wildcard_constraints:
+    seed=r"\d+",
+
+
 def results(*parts):
-    """A path under this run's results folder."""
+    """A path under this configuration's results folder."""
     return os.path.join(config["results"], *parts)
 
 
+def seeds():
+    """The run seeds (config `seeds`, default [0]); each is a complete run under seed_<seed>/."""
+    return [int(seed) for seed in config["seeds"]]
+
+
+def run_path(*parts, seed="{seed}"):
+    """A path under one run seed's folder; the default keeps {seed} a wildcard, input functions pass wildcards.seed."""
+    return results(f"seed_{seed}", *parts)
+
+
 def log_path(rule_name, *wildcards):
-    return results("logs", rule_name, *wildcards) + ".log"
+    return run_path("logs", rule_name, *wildcards) + ".log"
+
+
+def benchmark_path(rule_name, *wildcards, seed="{seed}"):
+    """seed_<seed>/benchmarks/<rule>[_<wildcards>].tsv: Snakemake's wall time (column s) etc. of one job."""
+    return run_path("benchmarks", "_".join([rule_name, *wildcards]) + ".tsv", seed=seed)
 
 
 def domain_settings(domain):
     return config["datasets"][domain]
 
 
-def dataset_root(domain):
-    """Generated folder for the embedded benchmark, else the configured dataset root."""
+def dataset_root(domain, seed):
+    """Generated folder for the embedded benchmark (one per run seed), else the configured dataset root."""
     settings = domain_settings(domain)
     if settings["format"] == "digit_scenes":
-        return results("data", "digit_scenes", domain)
+        return run_path("data", "digit_scenes", domain, seed=seed)
     return settings["root"]
 
 
@@ -61,7 +83,7 @@ check_declared_paths()
 def index_inputs(wildcards):
     """Only the generated benchmark is a workflow product; real roots are checked up front."""
     if domain_settings(wildcards.domain)["format"] == "digit_scenes":
-        return [dataset_root(wildcards.domain)]
+        return [dataset_root(wildcards.domain, wildcards.seed)]
     return []
 
 
@@ -81,7 +103,8 @@ def gpa_enabled():
 
 def gpa_inputs(wildcards):
     """Target photometric statistics for the source loader when GPA is on (BiSMAP Sec. 3.5)."""
-    return {"photometric_statistics": results("gpa", "target_statistics.json")} if gpa_enabled() else {}
+    statistics = run_path("gpa", "target_statistics.json", seed=wildcards.seed)
+    return {"photometric_statistics": statistics} if gpa_enabled() else {}
 
 
 def oracle_enabled():
@@ -116,8 +139,14 @@ def maps_enabled():
 
 
 def class_ids():
-    """Train ids 0..C-1: one fit_class_gmm job each."""
+    """Train ids 0..C-1."""
     return list(range(len(config["classes"])))
+
+
+def gmm_job_classes():
+    """The class ids each fit_class_gmm job fits: round-robin over maps.gmm_jobs jobs; null = one class per job."""
+    count = min(maps_settings().get("gmm_jobs") or len(class_ids()), len(class_ids()))
+    return [class_ids()[job::count] for job in range(count)]
 
 
 def maps_shards():
@@ -139,7 +168,8 @@ def pseudo_label_settings(labels):
 
 def pseudo_label_inputs(wildcards):
     """The MAPs file for the MAPs labels; the baseline's confidence labels need the warmup only."""
-    return {"prototypes": results("maps", "prototypes.h5")} if wildcards.labels == "maps" else {}
+    prototypes = run_path("maps", "prototypes.h5", seed=wildcards.seed)
+    return {"prototypes": prototypes} if wildcards.labels == "maps" else {}
 
 
 def pseudo_label_report_settings():
@@ -158,7 +188,7 @@ def pseudo_label_strategies():
 def pseudo_label_report_inputs(wildcards):
     """The MAPs file when a compared strategy needs it (maps: GMMs, cas: class centroids)."""
     needed = {"maps", "cas"} & set(pseudo_label_strategies())
-    return {"prototypes": results("maps", "prototypes.h5")} if needed else {}
+    return {"prototypes": run_path("maps", "prototypes.h5", seed=wildcards.seed)} if needed else {}
 
 
 def stm_settings():
@@ -175,15 +205,16 @@ def stm_shards():
     return list(range(int(stm_settings().get("shards", 1))))
 
 
-def stm_weight_directories():
+def stm_weight_directories(seed="{seed}"):
     """The folders of the STM weight PNGs, one per shard (bismap.transferability.weight_map_paths)."""
-    return [results("stm", "weights", f"shard_{shard}") for shard in stm_shards()]
+    return [run_path("stm", "weights", f"shard_{shard}", seed=seed) for shard in stm_shards()]
 
 
 def stm_embedding_inputs(wildcards):
     """E-hat: the configured checkpoint, else the warmup checkpoint (its encoder is the stand-in)."""
     weights = stm_settings().get("embedding_checkpoint")
-    return {"embedding_checkpoint": weights} if weights else {"warmup": results("checkpoints", "warmup.pt")}
+    return {"embedding_checkpoint": weights} if weights else {
+        "warmup": run_path("checkpoints", "warmup.pt", seed=wildcards.seed)}
 
 
 def stm_network_settings():
@@ -196,16 +227,18 @@ def stm_network_settings():
     return network
 
 
-def stm_target_embedding_settings():
+def stm_target_embedding_settings(wildcards):
     stm = stm_settings()
-    return {"per_image": stm["embeddings_per_image"], "seed": stm["seed"], "batch_size": stm["batch_size"],
-            "workers": stm["workers"]}
+    settings = {"per_image": stm["embeddings_per_image"], "seed": stm["seed"], "batch_size": stm["batch_size"],
+                "workers": stm["workers"]}
+    return with_run_seed(settings, wildcards.seed)
 
 
-def stm_prototype_settings():
+def stm_prototype_settings(wildcards):
     stm = stm_settings()
-    return {"clusters": stm["clusters"], "seed": stm["seed"], "iterations": stm["kmeans_iterations"],
-            "use_gpu": stm["kmeans_gpu"]}
+    settings = {"clusters": stm["clusters"], "seed": stm["seed"], "iterations": stm["kmeans_iterations"],
+                "use_gpu": stm["kmeans_gpu"]}
+    return with_run_seed(settings, wildcards.seed)
 
 
 def stm_class_entropy_settings():
@@ -261,17 +294,18 @@ def selftrain_run_settings(wildcards):
             if key in selftrain_settings():
                 settings[key] = selftrain_settings()[key]
     settings.update(use_stm=variant["stm"], use_consistency=variant["consistency"], use_pseudo_labels=True)
-    return settings
+    return with_run_seed(settings, wildcards.seed)
 
 
 def selftrain_inputs(wildcards):
     variant = selftrain_variant(wildcards.variant)
     labels = variant_pseudo_labels(wildcards.variant)
-    inputs = {"pseudo_labels": expand(results("pseudo_labels", labels, "shard_{shard}"), shard=maps_shards())}
+    labels_path = run_path("pseudo_labels", labels, "shard_{shard}", seed=wildcards.seed)
+    inputs = {"pseudo_labels": expand(labels_path, shard=maps_shards())}
     if variant["stm"]:
         if not stm_enabled():
             raise WorkflowError(f"selftrain variant '{wildcards.variant}' uses the STM but stm.enabled is false")
-        inputs["transferability"] = stm_weight_directories()
+        inputs["transferability"] = stm_weight_directories(wildcards.seed)
     if selftrain_settings().get("init") == "imagenet":
         inputs.update(pretrained_inputs(wildcards))
     return inputs
@@ -299,7 +333,7 @@ def distill_teacher():
 
 
 def teacher_checkpoint():
-    return results("checkpoints", f"selftrain_{distill_teacher()}.pt")
+    return run_path("checkpoints", f"selftrain_{distill_teacher()}.pt")
 
 
 def teacher_label_settings():
@@ -316,36 +350,102 @@ def distill_inputs(wildcards):
     return inputs
 
 
-def distill_run_settings():
+def distill_run_settings(wildcards):
     keys = ("training", "kl_weight", "student_init")
-    return {key: distill_settings()[key] for key in keys if key in distill_settings()}
+    return with_run_seed({key: distill_settings()[key] for key in keys if key in distill_settings()}, wildcards.seed)
 
 
-def final_outputs():
-    outputs = [results("report", "summary.md")]
-    if maps_enabled():
-        outputs.append(results("pseudo_labels", "maps", "summary.json"))
-    if pseudo_label_report_enabled():
-        outputs.append(results("pseudo_label_report", "table.md"))
+def maps_labels_needed():
+    """The MAPs pseudo-label shards are in the DAG: maps.enabled, or a variant learns from them."""
+    return maps_enabled() or any(variant["maps"] for variant in selftrain_variants().values())
+
+
+def baseline_labels_needed():
+    return any(not variant["maps"] for variant in selftrain_variants().values())
+
+
+def prototypes_needed():
+    """The MAPs file (features, GMM fits, merge) is in the DAG: for the MAPs labels or the report's maps/cas."""
+    report_needs = pseudo_label_report_enabled() and bool({"maps", "cas"} & set(pseudo_label_strategies()))
+    return maps_labels_needed() or report_needs
+
+
+def stage_jobs():
+    """Per rule, the wildcard part of the benchmark name of each job in one seed's DAG.
+
+    It restates which jobs final_outputs brings in: report_seeds takes these benchmark
+    files as inputs, so a job listed here that nothing else asks for would be run, and
+    one left out would be missing from the time table (the workflow tests compare it
+    with dry-run plans).
+    """
+    shards = [f"shard_{shard}" for shard in maps_shards()]
+    stm_shard_names = [f"shard_{shard}" for shard in stm_shards()]
+    labels = ["maps"] * maps_labels_needed() + ["baseline"] * baseline_labels_needed()
+    jobs = {"make_digit_scenes": [domain for domain in DOMAINS if domain_settings(domain)["format"] == "digit_scenes"],
+            "index_dataset": DOMAINS, "gpa_statistics": [""] * gpa_enabled(), "warmup": [""],
+            "oracle": [""] * oracle_enabled()}
+    if prototypes_needed():
+        jobs.update(extract_source_features=[""], merge_class_gmms=[""],
+                    fit_class_gmm=[f"job_{job}" for job in range(len(gmm_job_classes()))])
+    jobs["pseudo_labels"] = [f"{name}_{shard}" for name in labels for shard in shards]
+    jobs["merge_pseudo_labels"] = ["maps"] * maps_enabled() + ["baseline"] * baseline_labels_needed() + \
+        ["teacher"] * distill_enabled()
+    jobs["pseudo_label_report"] = [""] * pseudo_label_report_enabled()
     if stm_enabled():
-        outputs.append(results("stm", "summary.json"))
-    # statistics (coverage, accuracy where target-train has labels) of the other pseudo-label sets
-    if any(not variant["maps"] for variant in selftrain_variants().values()):
-        outputs.append(results("pseudo_labels", "baseline", "summary.json"))
+        jobs.update(extract_target_embeddings=[""], target_prototypes=[""], class_entropy=[""],
+                    source_distance_statistics=stm_shard_names, source_transferability=stm_shard_names,
+                    merge_source_transferability=[""])
+    jobs["selftrain"] = list(selftrain_variants())
     if distill_enabled():
-        outputs.append(results("pseudo_labels", "teacher", "summary.json"))
+        jobs.update(teacher_pseudo_labels=shards, distill=[""])
+    jobs.update(evaluate=evaluated_models(), qualitative_figure=[""], report=[""])
+    return {rule: names for rule, names in jobs.items() if names}
+
+
+def stage_benchmarks(seed):
+    """{rule: [benchmark file of each job]} of one run seed, for the time-per-stage table of report_seeds."""
+    return {rule: [benchmark_path(rule, *([name] if name else []), seed=seed) for name in names]
+            for rule, names in stage_jobs().items()}
+
+
+def seed_benchmarks():
+    """{seed: stage_benchmarks(seed)} over the run seeds (params of report_seeds)."""
+    return {seed: stage_benchmarks(seed) for seed in seeds()}
+
+
+def seed_outputs(seed):
+    """What each run seed adds to the default target besides its report (an input of report_seeds)."""
+    outputs = []
+    if maps_enabled():
+        outputs.append(run_path("pseudo_labels", "maps", "summary.json", seed=seed))
+    if pseudo_label_report_enabled():
+        outputs.append(run_path("pseudo_label_report", "table.md", seed=seed))
+    if stm_enabled():
+        outputs.append(run_path("stm", "summary.json", seed=seed))
+    # statistics (coverage, accuracy where target-train has labels) of the other pseudo-label sets
+    if baseline_labels_needed():
+        outputs.append(run_path("pseudo_labels", "baseline", "summary.json", seed=seed))
+    if distill_enabled():
+        outputs.append(run_path("pseudo_labels", "teacher", "summary.json", seed=seed))
     return outputs
 
 
+def final_outputs():
+    return [results("report", "summary.md")] + [path for seed in seeds() for path in seed_outputs(seed)]
+
+
 onsuccess:
-    print(f"\nBiSMAP workflow finished. Results under {config['results']}/:")
-    print(f"  summary table (BiSMAP Tables 1 and 4): {results('report', 'summary.md')}")
-    print(f"  qualitative figure: {results('report', 'qualitative.png')}")
+    each = lambda *parts: run_path(*parts, seed="<seed>")
+    print(f"\nBiSMAP workflow finished. Results under {config['results']}/, one folder per run seed {seeds()}:")
+    print(f"  mean ± std over the seeds and time per stage: {results('report', 'summary.md')}")
+    print(f"  summary table of one seed (BiSMAP Tables 1 and 4): {each('report', 'summary.md')}")
+    print(f"  qualitative figure: {each('report', 'qualitative.png')}")
     for model in evaluated_models():
-        print(f"  {model}: {results('evaluation', model, 'metrics.md')}")
+        print(f"  {model}: {each('evaluation', model, 'metrics.md')}")
     if maps_enabled():
-        print(f"  MAPs pseudo-labels: {results('pseudo_labels', 'maps')}/shard_*/ (summary.json)")
+        print(f"  MAPs pseudo-labels: {each('pseudo_labels', 'maps')}/shard_*/ (summary.json)")
     if pseudo_label_report_enabled():
-        print(f"  pseudo-label quality (BiSMAP Table 5): {results('pseudo_label_report', 'table.md')}")
+        print(f"  pseudo-label quality (BiSMAP Table 5): {each('pseudo_label_report', 'table.md')}")
     if stm_enabled():
-        print(f"  source transferability maps: {results('stm', 'weights')}/shard_*/ (summary.json, preview.png)")
+        print(f"  source transferability maps: {each('stm', 'weights')}/shard_*/ (summary.json, preview.png)")
+    print(f"  Snakemake benchmarks (wall time, memory) of every job: {each('benchmarks')}/")

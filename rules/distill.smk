@@ -10,10 +10,10 @@
 use rule pseudo_labels as teacher_pseudo_labels with:
     input:
         checkpoint=teacher_checkpoint() if distill_enabled() else [],
-        manifest=results("manifests", "target_train.json"),
+        manifest=run_path("manifests", "target_train.json"),
     output:
-        labels=directory(results("pseudo_labels", "teacher", "shard_{shard}")),
-        statistics=results("pseudo_labels", "teacher", "shard_{shard}.json"),
+        labels=directory(run_path("pseudo_labels", "teacher", "shard_{shard}")),
+        statistics=run_path("pseudo_labels", "teacher", "shard_{shard}.json"),
     params:
         settings=teacher_label_settings(),
         shard_index=lambda wildcards: int(wildcards.shard),
@@ -23,6 +23,8 @@ use rule pseudo_labels as teacher_pseudo_labels with:
         shard=r"\d+",
     log:
         log_path("teacher_pseudo_labels", "shard_{shard}"),
+    benchmark:
+        benchmark_path("teacher_pseudo_labels", "shard_{shard}")
 
 
 rule distill:
@@ -30,17 +32,18 @@ rule distill:
         unpack(distill_inputs),
         unpack(gpa_inputs),
         teacher=teacher_checkpoint() if distill_enabled() else [],
-        teacher_labels=expand(results("pseudo_labels", "teacher", "shard_{shard}"), shard=maps_shards()),
-        warmup=results("checkpoints", "warmup.pt"),
-        source_manifest=results("manifests", "source.json"),
-        target_manifest=results("manifests", "target_train.json"),
+        teacher_labels=expand(run_path("pseudo_labels", "teacher", "shard_{shard}"), shard=maps_shards(),
+                              allow_missing=True),
+        warmup=run_path("checkpoints", "warmup.pt"),
+        source_manifest=run_path("manifests", "source.json"),
+        target_manifest=run_path("manifests", "target_train.json"),
     output:
-        checkpoint=results("checkpoints", "distill.pt"),
-        loss_log=results("training", "distill_loss.tsv"),
+        checkpoint=run_path("checkpoints", "distill.pt"),
+        loss_log=run_path("training", "distill_loss.tsv"),
     params:
-        settings=distill_run_settings(),
+        settings=distill_run_settings,
         model=config["model"],
-        state=results(".state", "distill.pt"),
+        state=run_path(".state", "distill.pt"),
         code_version=CODE_VERSION,
     threads: config["threads"]["train"]
     resources:
@@ -49,5 +52,7 @@ rule distill:
         CONDA_ENV
     log:
         log_path("distill"),
+    benchmark:
+        benchmark_path("distill")
     script:
         "../workflow_scripts/distill.py"

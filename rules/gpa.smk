@@ -6,14 +6,14 @@
 
 rule gpa_statistics:
     input:
-        target=results("manifests", "target_train.json"),
-        source=results("manifests", "source.json"),  # preview only
+        target=run_path("manifests", "target_train.json"),
+        source=run_path("manifests", "source.json"),  # preview only
     output:
-        statistics=results("gpa", "target_statistics.json"),
-        preview=results("gpa", "preview.png"),
+        statistics=run_path("gpa", "target_statistics.json"),
+        preview=run_path("gpa", "preview.png"),
     params:
         max_images=gpa_settings()["max_images"],  # schema defaults are filled in
-        seed=gpa_settings()["seed"],
+        seed=lambda wildcards: with_run_seed(gpa_settings(), wildcards.seed)["seed"],
         preview_rows=gpa_settings()["preview_rows"],
         code_version=CODE_VERSION,
     threads: 1
@@ -21,5 +21,7 @@ rule gpa_statistics:
         CONDA_ENV
     log:
         log_path("gpa_statistics"),
+    benchmark:
+        benchmark_path("gpa_statistics")
     script:
         "../workflow_scripts/gpa_statistics.py"

@@ -3,7 +3,7 @@
 # (BiSMAP Table 5). Settings: the maps and pseudo_label_report sections.
 #
 #   warmup.pt + source --extract_source_features--> maps/source_features.h5
-#     --fit_class_gmm (one job per class)--> maps/gmm/class_<c>.h5
+#     --fit_class_gmm (maps.gmm_jobs jobs; null = one per class)--> maps/gmm/job_<j>/class_<c>.h5
 #     --merge_class_gmms--> maps/prototypes.h5
 #     --pseudo_labels (one job per shard)--> pseudo_labels/maps/shard_<i>/*.png
 #     --merge_pseudo_labels--> pseudo_labels/maps/summary.json
@@ -15,12 +15,12 @@
 rule extract_source_features:
     input:
         unpack(gpa_inputs),
-        checkpoint=results("checkpoints", "warmup.pt"),
-        manifest=results("manifests", "source.json"),
+        checkpoint=run_path("checkpoints", "warmup.pt"),
+        manifest=run_path("manifests", "source.json"),
     output:
-        features=results("maps", "source_features.h5"),
+        features=run_path("maps", "source_features.h5"),
     params:
-        settings=maps_settings()["features"],
+        settings=lambda wildcards: with_run_seed(maps_settings()["features"], wildcards.seed),
         code_version=CODE_VERSION,
     threads: config["threads"]["evaluate"]
     resources:
@@ -29,46 +29,57 @@ rule extract_source_features:
         CONDA_ENV
     log:
         log_path("extract_source_features"),
+    benchmark:
+        benchmark_path("extract_source_features")
     script:
         "../workflow_scripts/extract_source_features.py"
 
 
-# Eqs. 4-5: a K-component GMM per class, fitted on the CPU (fan-out).
+# Eqs. 4-5: a K-component GMM per class, fitted on the CPU (fan-out). Job j fits
+# classes j, j + N, ... (N = maps.gmm_jobs; null = one job per class) one after
+# the other, each into its own class_<c>.h5: the same files whatever N is
+# (each class's fit is seeded by gmm.seed + class id). Fewer jobs save the
+# ~3 s of Python/torch start-up per job that tiny fits do not hide.
 rule fit_class_gmm:
     input:
-        features=results("maps", "source_features.h5"),
+        features=run_path("maps", "source_features.h5"),
     output:
-        gmm=results("maps", "gmm", "class_{class_id}.h5"),
+        gmms=directory(run_path("maps", "gmm", "job_{gmm_job}")),
     params:
-        settings=maps_settings()["gmm"],
-        class_id=lambda wildcards: int(wildcards.class_id),
-        class_name=lambda wildcards: config["classes"][int(wildcards.class_id)],
+        settings=lambda wildcards: with_run_seed(maps_settings()["gmm"], wildcards.seed),
+        class_ids=lambda wildcards: gmm_job_classes()[int(wildcards.gmm_job)],
         code_version=CODE_VERSION,
     wildcard_constraints:
-        class_id=r"\d+",
+        gmm_job=r"\d+",
     threads: maps_settings()["fit_threads"]
     conda:
         CONDA_ENV
     log:
-        log_path("fit_class_gmm", "class_{class_id}"),
+        log_path("fit_class_gmm", "job_{gmm_job}"),
+    benchmark:
+        benchmark_path("fit_class_gmm", "job_{gmm_job}")
     script:
         "../workflow_scripts/fit_class_gmm.py"
 
 
 rule merge_class_gmms:
     input:
-        gmms=expand(results("maps", "gmm", "class_{class_id}.h5"), class_id=class_ids()),
-        features=results("maps", "source_features.h5"),
+        gmms=expand(run_path("maps", "gmm", "job_{gmm_job}"), gmm_job=range(len(gmm_job_classes())),
+                    allow_missing=True),
+        features=run_path("maps", "source_features.h5"),
     output:
-        prototypes=results("maps", "prototypes.h5"),
+        prototypes=run_path("maps", "prototypes.h5"),
     params:
-        settings=maps_settings()["gmm"],
+        settings=lambda wildcards: with_run_seed(maps_settings()["gmm"], wildcards.seed),
+        class_count=len(class_ids()),
         code_version=CODE_VERSION,
     threads: 1
     conda:
         CONDA_ENV
     log:
         log_path("merge_class_gmms"),
+    benchmark:
+        benchmark_path("merge_class_gmms")
     script:
         "../workflow_scripts/merge_class_gmms.py"
 
@@ -80,11 +91,11 @@ rule merge_class_gmms:
 rule pseudo_labels:
     input:
         unpack(pseudo_label_inputs),
-        checkpoint=results("checkpoints", "warmup.pt"),
-        manifest=results("manifests", "target_train.json"),
+        checkpoint=run_path("checkpoints", "warmup.pt"),
+        manifest=run_path("manifests", "target_train.json"),
     output:
-        labels=directory(results("pseudo_labels", "{labels}", "shard_{shard}")),
-        statistics=results("pseudo_labels", "{labels}", "shard_{shard}.json"),
+        labels=directory(run_path("pseudo_labels", "{labels}", "shard_{shard}")),
+        statistics=run_path("pseudo_labels", "{labels}", "shard_{shard}.json"),
     params:
         settings=lambda wildcards: pseudo_label_settings(wildcards.labels),
         shard_index=lambda wildcards: int(wildcards.shard),
@@ -100,16 +111,19 @@ rule pseudo_labels:
         CONDA_ENV
     log:
         log_path("pseudo_labels", "{labels}_shard_{shard}"),
+    benchmark:
+        benchmark_path("pseudo_labels", "{labels}_shard_{shard}")
     script:
         "../workflow_scripts/pseudo_labels.py"
 
 
 rule merge_pseudo_labels:
     input:
-        statistics=expand(results("pseudo_labels", "{{labels}}", "shard_{shard}.json"), shard=maps_shards()),
-        labels=expand(results("pseudo_labels", "{{labels}}", "shard_{shard}"), shard=maps_shards()),
+        statistics=expand(run_path("pseudo_labels", "{labels}", "shard_{shard}.json"), shard=maps_shards(),
+                          allow_missing=True),
+        labels=expand(run_path("pseudo_labels", "{labels}", "shard_{shard}"), shard=maps_shards(), allow_missing=True),
     output:
-        summary=results("pseudo_labels", "{labels}", "summary.json"),
+        summary=run_path("pseudo_labels", "{labels}", "summary.json"),
     params:
         code_version=CODE_VERSION,
     wildcard_constraints:
@@ -119,6 +133,8 @@ rule merge_pseudo_labels:
         CONDA_ENV
     log:
         log_path("merge_pseudo_labels", "{labels}"),
+    benchmark:
+        benchmark_path("merge_pseudo_labels", "{labels}")
     script:
         "../workflow_scripts/pseudo_labels.py"
 
@@ -127,12 +143,12 @@ rule merge_pseudo_labels:
 rule pseudo_label_report:
     input:
         unpack(pseudo_label_report_inputs),
-        checkpoint=results("checkpoints", "warmup.pt"),
-        manifest=results("manifests", "target_train.json"),
+        checkpoint=run_path("checkpoints", "warmup.pt"),
+        manifest=run_path("manifests", "target_train.json"),
     output:
-        markdown=results("pseudo_label_report", "table.md"),
-        json=results("pseudo_label_report", "table.json"),
-        plot=results("pseudo_label_report", "accuracy_vs_coverage.png"),
+        markdown=run_path("pseudo_label_report", "table.md"),
+        json=run_path("pseudo_label_report", "table.json"),
+        plot=run_path("pseudo_label_report", "accuracy_vs_coverage.png"),
     params:
         settings={key: value for key, value in pseudo_label_report_settings().items() if key != "enabled"},
         code_version=CODE_VERSION,
@@ -143,5 +159,7 @@ rule pseudo_label_report:
         CONDA_ENV
     log:
         log_path("pseudo_label_report"),
+    benchmark:
+        benchmark_path("pseudo_label_report")
     script:
         "../workflow_scripts/pseudo_label_report.py"

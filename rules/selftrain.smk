@@ -10,16 +10,16 @@ rule selftrain:
     input:
         unpack(selftrain_inputs),
         unpack(gpa_inputs),
-        warmup=results("checkpoints", "warmup.pt"),
-        source_manifest=results("manifests", "source.json"),
-        target_manifest=results("manifests", "target_train.json"),
+        warmup=run_path("checkpoints", "warmup.pt"),
+        source_manifest=run_path("manifests", "source.json"),
+        target_manifest=run_path("manifests", "target_train.json"),
     output:
-        checkpoint=results("checkpoints", "selftrain_{variant}.pt"),
-        loss_log=results("training", "selftrain_{variant}_loss.tsv"),
+        checkpoint=run_path("checkpoints", "selftrain_{variant}.pt"),
+        loss_log=run_path("training", "selftrain_{variant}_loss.tsv"),
     params:
         settings=selftrain_run_settings,
         model=config["model"],
-        state=lambda wildcards: results(".state", f"selftrain_{wildcards.variant}.pt"),
+        state=run_path(".state", "selftrain_{variant}.pt"),
         code_version=CODE_VERSION,
     wildcard_constraints:
         variant="[a-z][a-z0-9_]*",
@@ -30,5 +30,7 @@ rule selftrain:
         CONDA_ENV
     log:
         log_path("selftrain", "{variant}"),
+    benchmark:
+        benchmark_path("selftrain", "{variant}")
     script:
         "../workflow_scripts/selftrain.py"

@@ -16,12 +16,12 @@
 rule extract_target_embeddings:
     input:
         unpack(stm_embedding_inputs),
-        manifest=results("manifests", "target_train.json"),
+        manifest=run_path("manifests", "target_train.json"),
     output:
-        embeddings=results("stm", "target_embeddings.h5"),
+        embeddings=run_path("stm", "target_embeddings.h5"),
     params:
         network=stm_network_settings(),
-        settings=stm_target_embedding_settings(),
+        settings=stm_target_embedding_settings,
         code_version=CODE_VERSION,
     threads: config["threads"]["evaluate"]
     resources:
@@ -30,6 +30,8 @@ rule extract_target_embeddings:
         CONDA_ENV
     log:
         log_path("extract_target_embeddings"),
+    benchmark:
+        benchmark_path("extract_target_embeddings")
     script:
         "../workflow_scripts/extract_target_embeddings.py"
 
@@ -37,11 +39,11 @@ rule extract_target_embeddings:
 # FAISS K-Means on the CPU; with stm.kmeans_gpu (a faiss-gpu build) on one GPU.
 rule target_prototypes:
     input:
-        embeddings=results("stm", "target_embeddings.h5"),
+        embeddings=run_path("stm", "target_embeddings.h5"),
     output:
-        prototypes=results("stm", "target_prototypes.npy"),
+        prototypes=run_path("stm", "target_prototypes.npy"),
     params:
-        settings=stm_prototype_settings(),
+        settings=stm_prototype_settings,
         code_version=CODE_VERSION,
     threads: config["threads"]["evaluate"]
     resources:
@@ -50,16 +52,18 @@ rule target_prototypes:
         CONDA_ENV
     log:
         log_path("target_prototypes"),
+    benchmark:
+        benchmark_path("target_prototypes")
     script:
         "../workflow_scripts/target_prototypes.py"
 
 
 rule class_entropy:
     input:
-        checkpoint=results("checkpoints", "warmup.pt"),
-        manifest=results("manifests", "target_train.json"),
+        checkpoint=run_path("checkpoints", "warmup.pt"),
+        manifest=run_path("manifests", "target_train.json"),
     output:
-        entropy=results("stm", "class_entropy.json"),
+        entropy=run_path("stm", "class_entropy.json"),
     params:
         settings=stm_class_entropy_settings(),
         code_version=CODE_VERSION,
@@ -70,6 +74,8 @@ rule class_entropy:
         CONDA_ENV
     log:
         log_path("class_entropy"),
+    benchmark:
+        benchmark_path("class_entropy")
     script:
         "../workflow_scripts/class_entropy.py"
 
@@ -79,10 +85,10 @@ rule source_distance_statistics:
     input:
         unpack(gpa_inputs),
         unpack(stm_embedding_inputs),
-        manifest=results("manifests", "source.json"),
-        prototypes=results("stm", "target_prototypes.npy"),
+        manifest=run_path("manifests", "source.json"),
+        prototypes=run_path("stm", "target_prototypes.npy"),
     output:
-        statistics=results("stm", "distances", "shard_{shard}.json"),
+        statistics=run_path("stm", "distances", "shard_{shard}.json"),
     params:
         network=stm_network_settings(),
         settings=stm_transferability_settings(),
@@ -98,6 +104,8 @@ rule source_distance_statistics:
         CONDA_ENV
     log:
         log_path("source_distance_statistics", "shard_{shard}"),
+    benchmark:
+        benchmark_path("source_distance_statistics", "shard_{shard}")
     script:
         "../workflow_scripts/source_transferability.py"
 
@@ -107,13 +115,13 @@ rule source_transferability:
     input:
         unpack(gpa_inputs),
         unpack(stm_embedding_inputs),
-        manifest=results("manifests", "source.json"),
-        prototypes=results("stm", "target_prototypes.npy"),
-        class_entropy=results("stm", "class_entropy.json"),
-        distances=expand(results("stm", "distances", "shard_{shard}.json"), shard=stm_shards()),
+        manifest=run_path("manifests", "source.json"),
+        prototypes=run_path("stm", "target_prototypes.npy"),
+        class_entropy=run_path("stm", "class_entropy.json"),
+        distances=expand(run_path("stm", "distances", "shard_{shard}.json"), shard=stm_shards(), allow_missing=True),
     output:
-        weights=directory(results("stm", "weights", "shard_{shard}")),
-        statistics=results("stm", "weights", "shard_{shard}.json"),
+        weights=directory(run_path("stm", "weights", "shard_{shard}")),
+        statistics=run_path("stm", "weights", "shard_{shard}.json"),
     params:
         network=stm_network_settings(),
         settings=stm_transferability_settings(),
@@ -130,6 +138,8 @@ rule source_transferability:
         CONDA_ENV
     log:
         log_path("source_transferability", "shard_{shard}"),
+    benchmark:
+        benchmark_path("source_transferability", "shard_{shard}")
     script:
         "../workflow_scripts/source_transferability.py"
 
@@ -137,12 +147,12 @@ rule source_transferability:
 rule merge_source_transferability:
     input:
         unpack(gpa_inputs),
-        manifest=results("manifests", "source.json"),
-        statistics=expand(results("stm", "weights", "shard_{shard}.json"), shard=stm_shards()),
+        manifest=run_path("manifests", "source.json"),
+        statistics=expand(run_path("stm", "weights", "shard_{shard}.json"), shard=stm_shards(), allow_missing=True),
         weights=stm_weight_directories(),
     output:
-        summary=results("stm", "summary.json"),
-        preview=results("stm", "preview.png"),
+        summary=run_path("stm", "summary.json"),
+        preview=run_path("stm", "preview.png"),
     params:
         preview_images=stm_settings().get("preview_images", 4),
         code_version=CODE_VERSION,
@@ -151,5 +161,7 @@ rule merge_source_transferability:
         CONDA_ENV
     log:
         log_path("merge_source_transferability"),
+    benchmark:
+        benchmark_path("merge_source_transferability")
     script:
         "../workflow_scripts/source_transferability.py"

@@ -12,15 +12,15 @@ rule warmup:
     input:
         unpack(pretrained_inputs),
         unpack(gpa_inputs),
-        manifest=results("manifests", "source.json"),
+        manifest=run_path("manifests", "source.json"),
     output:
-        checkpoint=results("checkpoints", "warmup.pt"),
-        loss_log=results("training", "warmup_loss.tsv"),
+        checkpoint=run_path("checkpoints", "warmup.pt"),
+        loss_log=run_path("training", "warmup_loss.tsv"),
     params:
-        training=config["warmup"],
+        training=lambda wildcards: with_run_seed(config["warmup"], wildcards.seed),
         model=config["model"],
         class_names=config["classes"],
-        state=results(".state", "warmup.pt"),
+        state=run_path(".state", "warmup.pt"),
         code_version=CODE_VERSION,
     threads: config["threads"]["train"]
     resources:
@@ -29,6 +29,8 @@ rule warmup:
         CONDA_ENV
     log:
         log_path("warmup"),
+    benchmark:
+        benchmark_path("warmup")
     script:
         "../workflow_scripts/train_supervised.py"
 
@@ -38,17 +40,20 @@ rule warmup:
 use rule warmup as oracle with:
     input:
         unpack(pretrained_inputs),
-        manifest=results("manifests", "target_train.json"),
+        manifest=run_path("manifests", "target_train.json"),
     output:
-        checkpoint=results("checkpoints", "oracle.pt"),
-        loss_log=results("training", "oracle_loss.tsv"),
+        checkpoint=run_path("checkpoints", "oracle.pt"),
+        loss_log=run_path("training", "oracle_loss.tsv"),
     params:
-        training=config.get("oracle", {}).get("training", config["warmup"]),
+        training=lambda wildcards: with_run_seed(config.get("oracle", {}).get("training", config["warmup"]),
+                                                 wildcards.seed),
         model=config["model"],
         class_names=config["classes"],
-        state=results(".state", "oracle.pt"),
+        state=run_path(".state", "oracle.pt"),
         code_version=CODE_VERSION,
     conda:
         CONDA_ENV
     log:
         log_path("oracle"),
+    benchmark:
+        benchmark_path("oracle")

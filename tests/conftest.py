@@ -22,6 +22,7 @@ def tiny_config(results: Path) -> dict:
     config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
     config = copy.deepcopy(config)
     config["results"] = str(results)
+    config["seeds"] = [0]  # one run seed; tests that need more add them (a run per seed)
     config["digit_scenes"]["settings"].update(image_size=32, digit_size=[12, 16], digits_per_image=[1, 3])
     config["digit_scenes"]["splits"] = {
         "source": {"count": 24, "seed": 1},
@@ -34,6 +35,9 @@ def tiny_config(results: Path) -> dict:
     config["oracle"] = {"enabled": True, "training": copy.deepcopy(training)}
     config["evaluate"]["batch_size"] = 6
     config["model"].update(backbone_width=8, aspp_channels=16, low_level_channels=8, feature_dim=16)
+    # 2 shards and 2 GMM jobs (classes 0, 2, .. and 1, 3, ..): the fan-outs are exercised, not just one job each
+    config["maps"].update(shards=2, gmm_jobs=2)
+    config["stm"]["shards"] = 2
     config["maps"]["features"].update(features_per_class=500, batch_size=12)
     config["maps"]["gmm"].update(components=2, min_features=20, max_iterations=30, kmeans_iterations=30,
                                  calibration_samples=500)
@@ -72,6 +76,11 @@ def run_snakemake(workdir: Path, configfile: Path, *arguments: str, check: bool 
     if check and result.returncode != 0:
         raise AssertionError(f"snakemake failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}")
     return result
+
+
+def seed_results(results: Path, seed: int = 0) -> Path:
+    """The folder of one run seed's outputs under a config's ``results``."""
+    return results / f"seed_{seed}"
 
 
 def planned_jobs(output: str) -> dict[str, int]:

@@ -9,14 +9,14 @@ import pytest
 import yaml
 from PIL import Image
 
-from tests.conftest import planned_jobs, run_snakemake, write_config
+from tests.conftest import planned_jobs, run_snakemake, seed_results, write_config
 
 VARIANTS = ["baseline", "stm", "stm_maps", "bismap"]
 
 
 def test_every_stage_writes_its_checkpoint_and_the_report_has_one_row_each(finished_tiny_run):
     workdir, _ = finished_tiny_run
-    results = workdir / "results"
+    results = seed_results(workdir / "results")
     models = ["warmup", *(f"selftrain_{name}" for name in VARIANTS), "distill", "oracle"]
     summary = json.loads((results / "report" / "summary.json").read_text())
     assert [key for key in summary if key != "gap_warmup_to_oracle"] == models
@@ -35,7 +35,7 @@ def test_every_stage_writes_its_checkpoint_and_the_report_has_one_row_each(finis
 
 
 def test_loss_logs_carry_each_variants_terms(finished_tiny_run):
-    results = finished_tiny_run[0] / "results" / "training"
+    results = seed_results(finished_tiny_run[0] / "results") / "training"
     headers = {name: (results / f"selftrain_{name}_loss.tsv").read_text().splitlines()[0].split("\t")
                for name in VARIANTS}
     assert "consistency" in headers["bismap"] and "consistency" not in headers["stm_maps"]
@@ -46,7 +46,7 @@ def test_loss_logs_carry_each_variants_terms(finished_tiny_run):
 
 
 def test_teacher_labels_keep_only_confident_pixels(finished_tiny_run):
-    results = finished_tiny_run[0] / "results" / "pseudo_labels"
+    results = seed_results(finished_tiny_run[0] / "results") / "pseudo_labels"
     labels = np.stack([np.array(Image.open(path)) for path in sorted(results.glob("teacher/shard_*/*.png"))])
     assert labels.shape == (12, 32, 32)
     assert set(np.unique(labels)) <= set(range(11)) | {255}
@@ -55,7 +55,7 @@ def test_teacher_labels_keep_only_confident_pixels(finished_tiny_run):
 
 
 def test_qualitative_figure_has_a_column_per_model(finished_tiny_run):
-    figure = Image.open(finished_tiny_run[0] / "results" / "report" / "qualitative.png")
+    figure = Image.open(seed_results(finished_tiny_run[0] / "results") / "report" / "qualitative.png")
     columns, rows = 2 + 1 + len(VARIANTS) + 1 + 1, 2  # image, truth, warmup, variants, distill, oracle
     assert figure.width / figure.height == pytest.approx(columns / rows, rel=0.25)
 
@@ -66,7 +66,7 @@ def test_qualitative_cells_are_the_palette_of_truth_and_predictions(finished_tin
     from bismap.qualitative import palette, predict, qualitative_figure
     from bismap.training.checkpoint import load_model
 
-    results = finished_tiny_run[0] / "results"
+    results = seed_results(finished_tiny_run[0] / "results")
     checkpoints = {name: results / "checkpoints" / f"{name}.pt" for name in ("warmup", "distill")}
     rows = qualitative_figure(checkpoints, results / "manifests" / "target_val.json", tmp_path / "figure.png",
                               images=3, device=torch.device("cpu"))
@@ -100,13 +100,13 @@ def test_editing_lambda_reruns_the_consistency_variant_distillation_and_report_o
     jobs = edited_plan(finished_tiny_run, tmp_path,
                        lambda config: config["selftrain"].update(consistency_weight=7.5))
     assert jobs == {"selftrain": 1, "teacher_pseudo_labels": 2, "merge_pseudo_labels": 1, "distill": 1,
-                    "evaluate": 2, "qualitative_figure": 1, "report": 1, "all": 1}
+                    "evaluate": 2, "qualitative_figure": 1, "report": 1, "report_seeds": 1, "all": 1}
 
 
 def test_adding_a_variant_runs_only_that_variant(finished_tiny_run, tmp_path):
     new = {"name": "maps_only", "maps": True, "stm": False, "consistency": False}
     jobs = edited_plan(finished_tiny_run, tmp_path, lambda config: config["selftrain"]["variants"].append(new))
-    assert jobs == {"selftrain": 1, "evaluate": 1, "qualitative_figure": 1, "report": 1, "all": 1}
+    assert jobs == {"selftrain": 1, "evaluate": 1, "qualitative_figure": 1, "report": 1, "report_seeds": 1, "all": 1}
 
 
 def test_a_duplicate_variant_name_fails_naming_it(finished_tiny_run, tmp_path):

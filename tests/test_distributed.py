@@ -107,12 +107,12 @@ def test_two_processes_train_like_one(manifest, one_process, tmp_path):
 
 
 def test_one_process_state_resumes_in_two(manifest, one_process, tmp_path, monkeypatch):
-    original_step = supervised._train_step
+    original_step = supervised.train_step
     # killed during iteration 4, after the state saved at iteration 2
-    monkeypatch.setattr(supervised, "_train_step", dies_on_call(original_step, 4))
+    monkeypatch.setattr(supervised, "train_step", dies_on_call(original_step, 4))
     with pytest.raises(KeyboardInterrupt):
         train(manifest, paths(tmp_path), world_size=1)
-    monkeypatch.setattr(supervised, "_train_step", original_step)
+    monkeypatch.setattr(supervised, "train_step", original_step)
     train(manifest, paths(tmp_path), world_size=2)
     assert_same_training(one_process, tmp_path)
 

@@ -11,8 +11,8 @@ from scipy.linalg import solve_triangular
 from sklearn.mixture import GaussianMixture as SklearnMixture
 
 from bismap.features import write_features
-from bismap.gmm import (ClassPrototypes, GaussianMixture, GMMSettings, Standardizer, fit_class_gmm, fit_gmm,
-                        load_class_gmm, merge_class_gmms, save_class_gmm)
+from bismap.gmm import (ClassPrototypes, GaussianMixture, GMMSettings, Standardizer, class_gmm_paths, fit_class_gmm,
+                        fit_class_gmms, fit_gmm, load_class_gmm, merge_class_gmms, save_class_gmm)
 from bismap.mixture import precision_cholesky
 from bismap.settings import from_dict
 
@@ -147,3 +147,30 @@ def test_fit_class_merge_save_and_load_round_trip(tmp_path, caplog):
     assert loaded.percentile_thresholds(10)[1] == np.inf
     with pytest.raises(ValueError, match="position 0"):
         merge_class_gmms([tmp_path / "gmm_1.h5"] * 3, tmp_path / "features.h5", settings)
+
+
+def test_any_split_of_the_classes_over_fit_jobs_gives_the_same_files(tmp_path):
+    """maps.gmm_jobs: null (one job per class) and 2 jobs (round-robin) write byte-identical class files."""
+    features_file(tmp_path / "features.h5", absent_rows=30)
+    settings = from_dict(GMMSettings, {"components": 2, "min_features": 10, "calibration_samples": 100}, "gmm")
+    for class_id in range(3):  # gmm_jobs null: job c fits class c
+        fit_class_gmms(tmp_path / "features.h5", [class_id], settings, tmp_path / "null" / f"job_{class_id}")
+    for job, classes in enumerate([[0, 2], [1]]):  # gmm_jobs 2: classes 0, 2 and 1
+        fit_class_gmms(tmp_path / "features.h5", classes, settings, tmp_path / "two" / f"job_{job}")
+    one_each = class_gmm_paths(sorted((tmp_path / "null").iterdir()), 3)
+    grouped = class_gmm_paths(sorted((tmp_path / "two").iterdir()), 3)
+    assert [path.relative_to(tmp_path).as_posix() for path in grouped] == [
+        "two/job_0/class_0.h5", "two/job_1/class_1.h5", "two/job_0/class_2.h5"]
+    for single, shared in zip(one_each, grouped):
+        assert single.read_bytes() == shared.read_bytes()
+        (class_id, first), (same_id, second) = load_class_gmm(single), load_class_gmm(shared)
+        assert class_id == same_id and first.components == 2
+        for name in ("weights", "means", "variances"):
+            assert torch.equal(getattr(first, name), getattr(second, name))
+    merged = [merge_class_gmms(paths, tmp_path / "features.h5", settings) for paths in (one_each, grouped)]
+    points = torch.from_numpy(np.random.default_rng(1).normal(0, 5, (50, 3)))
+    assert torch.equal(merged[0].log_densities(points, torch.float64), merged[1].log_densities(points, torch.float64))
+    with pytest.raises(FileNotFoundError, match=r"classes \[1\] missing"):
+        class_gmm_paths([tmp_path / "two" / "job_0"], 3)
+    with pytest.raises(ValueError, match="class 0 has two GMM files"):
+        class_gmm_paths([tmp_path / "null" / "job_0", tmp_path / "two" / "job_0"], 3)

@@ -14,7 +14,7 @@ from PIL import Image
 from bismap.pseudo_label_report import ReportPaths, ReportSettings, pseudo_label_report
 from bismap.pseudo_labels import PseudoLabelSettings, label_images
 from bismap.settings import from_dict
-from tests.conftest import REPO, planned_jobs, run_snakemake, write_config
+from tests.conftest import REPO, planned_jobs, run_snakemake, seed_results, write_config
 from tests.real_fixtures import make_cityscapes, make_gta5
 
 CLASSES = 11
@@ -23,7 +23,7 @@ TARGET_IMAGES = 12  # tiny_config's target_train count
 # teacher labels (merged with the MAPs ones: 2 merges) and the distillation, their evaluations and the report
 DOWNSTREAM_OF_PROTOTYPES = {"merge_class_gmms": 1, "pseudo_labels": 2, "merge_pseudo_labels": 2,
                             "pseudo_label_report": 1, "selftrain": 2, "teacher_pseudo_labels": 2, "distill": 1,
-                            "evaluate": 3, "qualitative_figure": 1, "report": 1, "all": 1}
+                            "evaluate": 3, "qualitative_figure": 1, "report": 1, "report_seeds": 1, "all": 1}
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -35,9 +35,11 @@ def workflow_pngs(results) -> dict[str, bytes]:
 
 def test_maps_stages_write_gmms_labels_and_report(finished_tiny_run):
     workdir, configfile = finished_tiny_run
-    config, results = yaml.safe_load(configfile.read_text()), workdir / "results"
-    assert sorted(path.name for path in (results / "maps" / "gmm").glob("*.h5")) == sorted(
-        f"class_{c}.h5" for c in range(CLASSES))
+    config, results = yaml.safe_load(configfile.read_text()), seed_results(workdir / "results")
+    # maps.gmm_jobs 2 in the tiny config: classes 0, 2, .. in job 0 and 1, 3, .. in job 1
+    gmm_files = sorted(path.relative_to(results / "maps" / "gmm").as_posix()
+                       for path in (results / "maps" / "gmm").glob("*/*.h5"))
+    assert gmm_files == sorted(f"job_{c % 2}/class_{c}.h5" for c in range(CLASSES))
     assert (results / "maps" / "prototypes.h5").stat().st_size > 0
     manifest = json.loads((results / "manifests" / "target_train.json").read_text())
     pngs = workflow_pngs(results)
@@ -79,7 +81,7 @@ def test_editing_gmm_components_reruns_gmms_and_downstream_only(finished_tiny_ru
     config = yaml.safe_load(configfile.read_text())
     config["maps"]["gmm"]["components"] += 1
     jobs = planned_jobs(run_snakemake(workdir, write_config(tmp_path / "edited.yaml", config), "-n").stdout)
-    assert jobs == {"fit_class_gmm": CLASSES, **DOWNSTREAM_OF_PROTOTYPES}  # not warmup, not extract_source_features
+    assert jobs == {"fit_class_gmm": 2, **DOWNSTREAM_OF_PROTOTYPES}  # maps.gmm_jobs  # not warmup, not extract_source_features
 
 
 def test_editing_shard_count_relabels_but_keeps_prototypes_and_report(finished_tiny_run, tmp_path):
@@ -89,12 +91,12 @@ def test_editing_shard_count_relabels_but_keeps_prototypes_and_report(finished_t
     jobs = planned_jobs(run_snakemake(workdir, write_config(tmp_path / "edited.yaml", config), "-n").stdout)
     # MAPs and baseline labels on 3 shards, every variant (its label folders changed), the teacher's labels
     assert jobs == {"pseudo_labels": 6, "merge_pseudo_labels": 3, "selftrain": 4, "teacher_pseudo_labels": 3,
-                    "distill": 1, "evaluate": 5, "qualitative_figure": 1, "report": 1, "all": 1}
+                    "distill": 1, "evaluate": 5, "qualitative_figure": 1, "report": 1, "report_seeds": 1, "all": 1}
 
 
 def test_two_shard_workflow_labels_equal_one_shard_labels(finished_tiny_run, tmp_path):
     workdir, configfile = finished_tiny_run
-    config, results = yaml.safe_load(configfile.read_text()), workdir / "results"
+    config, results = yaml.safe_load(configfile.read_text()), seed_results(workdir / "results")
     settings = from_dict(PseudoLabelSettings, {**config["maps"]["pseudo_labels"], "strategy": "maps"}, "maps")
     label_images(results / "checkpoints" / "warmup.pt", results / "manifests" / "target_train.json",
                  results / "maps" / "prototypes.h5", tmp_path / "whole", 0, 1, settings, torch.device("cpu"))
@@ -110,7 +112,7 @@ def test_two_shard_workflow_labels_equal_one_shard_labels(finished_tiny_run, tmp
 ])
 def test_report_row_equals_labelling_at_that_threshold(finished_tiny_run, tmp_path, strategy, sweep, label_settings):
     """One scoring per image and strategy, every threshold from it: the counts of label_images' PNGs."""
-    results = finished_tiny_run[0] / "results"
+    results = seed_results(finished_tiny_run[0] / "results")
     inputs = (results / "checkpoints" / "warmup.pt", results / "manifests" / "target_train.json",
               results / "maps" / "prototypes.h5")
     settings = from_dict(ReportSettings, {"strategies": {strategy: sweep}, "coverage_levels": [0.5]}, "report")

@@ -19,7 +19,7 @@ import yaml
 
 from bismap.data.photometric import STATISTICS_KEYS
 from bismap.data.real_datasets import CITYSCAPES_CLASS_NAMES, SYNTHIA_16_CLASSES
-from tests.conftest import REPO, planned_jobs, run_snakemake, write_config
+from tests.conftest import REPO, planned_jobs, run_snakemake, seed_results, write_config
 from tests.real_fixtures import gta5_name, make_cityscapes, make_gta5, make_synthia, write_palette_label
 
 SIZE = (64, 32)  # (width, height) of every fixture image
@@ -94,7 +94,8 @@ def test_paper_config_plans_gpu_jobs_and_gpa(source, dataset_roots, tmp_path):
     adaptation = {"selftrain": 1, "teacher_pseudo_labels": 4, "distill": 1, "qualitative_figure": 1}
     assert jobs == {"index_dataset": 3, "gpa_statistics": 1, "warmup": 1, "oracle": 1, "evaluate": 4,
                     "report": 1, "extract_source_features": 1, "fit_class_gmm": 19, "merge_class_gmms": 1,
-                    "pseudo_labels": 4, "merge_pseudo_labels": 2, "all": 1, **STM_STAGES, **adaptation}
+                    "pseudo_labels": 4, "merge_pseudo_labels": 2, "report_seeds": 1, "all": 1, **STM_STAGES,
+                    **adaptation}
     for rule in ("warmup", "evaluate", "oracle", "extract_source_features", "pseudo_labels",
                  "extract_target_embeddings", "class_entropy", "source_distance_statistics", "source_transferability",
                  "selftrain", "teacher_pseudo_labels", "distill", "qualitative_figure"):
@@ -121,7 +122,7 @@ def test_gpa_disabled_leaves_it_out_of_the_plan(dataset_roots, tmp_path):
 def test_tiny_paper_run_end_to_end(source, dataset_roots, tmp_path):
     config = shrink(paper_config(source, dataset_roots, tmp_path / "results", None))
     run_snakemake(tmp_path, write_config(tmp_path / "tiny.yaml", config))
-    results = tmp_path / "results"
+    results = seed_results(tmp_path / "results")
     metrics = json.loads((results / "evaluation" / "warmup" / "metrics.json").read_text())
     assert metrics["images"] == 2 and metrics["pixels"] == 2 * SIZE[0] * SIZE[1] - ignored_pixels(results)
     assert np.array(metrics["confusion"]).shape == (19, 19)
@@ -134,6 +135,7 @@ def test_tiny_paper_run_end_to_end(source, dataset_roots, tmp_path):
     assert (results / "gpa" / "preview.png").stat().st_size > 1000
     assert "stylized on the fly by GPA" in (results / "logs" / "warmup.log").read_text()
     assert (results / "report" / "summary.md").is_file()
+    assert json.loads((tmp_path / "results" / "report" / "summary.json").read_text())["seeds"] == [0]
 
 
 def ignored_pixels(results: Path) -> int:
@@ -158,9 +160,9 @@ def test_unknown_gta5_label_id_fails_in_index_naming_the_file(tmp_path):
     write_palette_label(bad_label, ids)
     roots = {"gta5": gta5, "cityscapes": cityscapes}
     config = shrink(paper_config("gta5", roots, tmp_path / "results", None))
-    manifest = tmp_path / "results" / "manifests" / "source.json"
+    manifest = seed_results(tmp_path / "results") / "manifests" / "source.json"
     result = run_snakemake(tmp_path, write_config(tmp_path / "tiny.yaml", config), str(manifest), check=False)
     assert result.returncode != 0
-    log = (tmp_path / "results" / "logs" / "index_dataset" / "source.log").read_text()
+    log = (seed_results(tmp_path / "results") / "logs" / "index_dataset" / "source.log").read_text()
     assert str(bad_label) in log and "[200]" in log
     assert not manifest.exists()

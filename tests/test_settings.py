@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from bismap.models import ModelSettings
-from bismap.settings import SettingsError, from_dict, to_dict
+from bismap.settings import SettingsError, from_dict, to_dict, with_run_seed
 from bismap.training.supervised import TrainSettings
 
 
@@ -31,3 +31,17 @@ def test_nested_values_and_round_trip():
 def test_model_defaults_are_the_paper_network():
     settings = from_dict(ModelSettings, {}, "model")
     assert (settings.backbone_depth, settings.output_stride, settings.feature_dim) == (101, 16, 256)
+
+
+def test_run_seed_offsets_every_seed_key_at_any_depth():
+    settings = {"seed": 3, "iterations": 5, "training": {"seed": 0, "optimizer": {"learning_rate": 0.01}},
+                "splits": [{"count": 2, "seed": 101}, {"seed": 202}], "seeds_used": [1, 2], "flag": True}
+    assert with_run_seed(settings, 2) == {"seed": 5, "iterations": 5,
+                                          "training": {"seed": 2, "optimizer": {"learning_rate": 0.01}},
+                                          "splits": [{"count": 2, "seed": 103}, {"seed": 204}],
+                                          "seeds_used": [1, 2], "flag": True}
+    split = with_run_seed({"count": 2000, "seed": 101}, "3", stride=1000)  # a wildcard value is a string
+    assert split == {"count": 2000, "seed": 3101} and type(split["seed"]) is int
+    assert with_run_seed(settings, 0) == settings  # run seed 0 is the configured run
+    assert settings["training"]["seed"] == 0  # the config itself is left alone
+    assert repr(with_run_seed(({"seed": 1},), 1)) == "[{'seed': 2}]"  # builtin lists: params compare by repr

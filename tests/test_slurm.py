@@ -32,7 +32,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO, SNAKEMAKE, tiny_config, write_config
+from tests.conftest import REPO, SNAKEMAKE, seed_results, tiny_config, write_config
 from tests.slurm.cluster import ClusterUnavailable, SlurmCluster, ensure_installed
 
 PROFILE = REPO / "profiles" / "slurm"
@@ -235,7 +235,7 @@ def test_tiny_workflow_runs_through_the_slurm_profile(slurm_cluster, tmp_path):
     config = tiny_config(tmp_path / "results")
     config["threads"] = {name: 1 for name in config["threads"]}  # two jobs fit the 2-CPU node at once
     configfile = write_config(tmp_path / "tiny.yaml", config)
-    results = tmp_path / "results"
+    results = seed_results(tmp_path / "results")
     targets = [str(results / "evaluation" / model / "metrics.json") for model in ("warmup", "oracle")]
     run = run_through_profile(slurm_cluster, tmp_path, *targets, "--configfile", str(configfile))
     publish(run, "tiny config through profiles/slurm (targets: warmup and oracle metrics)", tmp_path)

@@ -56,14 +56,14 @@ def test_same_settings_give_identical_weights(manifest, tmp_path):
 
 def test_resume_after_interruption_matches_uninterrupted_run(manifest, tmp_path, monkeypatch):
     reference = run(manifest, tmp_path / "reference")
-    original_step = supervised._train_step
+    original_step = supervised.train_step
     # killed during iteration 4, after the state saved at iteration 2
-    monkeypatch.setattr(supervised, "_train_step", dies_on_call(original_step, 4))
+    monkeypatch.setattr(supervised, "train_step", dies_on_call(original_step, 4))
     with pytest.raises(KeyboardInterrupt):
         run(manifest, tmp_path / "resumed")
     assert not (tmp_path / "resumed" / "model.pt").exists()
     assert torch.load(tmp_path / "resumed" / "state" / "model.pt", weights_only=False)["iteration"] == 2
-    monkeypatch.setattr(supervised, "_train_step", original_step)
+    monkeypatch.setattr(supervised, "train_step", original_step)
     resumed = run(manifest, tmp_path / "resumed")
     assert all(torch.equal(reference[key], resumed[key]) for key in reference)
     assert not (tmp_path / "resumed" / "state" / "model.pt").exists()

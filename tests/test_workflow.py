@@ -6,25 +6,32 @@ import json
 import re
 
 import numpy as np
+import pytest
 import yaml
 from PIL import Image
 
-from tests.conftest import planned_jobs, run_snakemake, tiny_config, write_config
+from bismap.stage_times import benchmark_seconds
+from tests.conftest import planned_jobs, run_snakemake, seed_results, tiny_config, write_config
 
 # STM (rules/stm.smk): all downstream of the warmup, whose encoder stands in for E-hat in the tiny config
 STM_STAGES = {"extract_target_embeddings": 1, "target_prototypes": 1, "class_entropy": 1,
               "source_distance_statistics": 2, "source_transferability": 2, "merge_source_transferability": 1}
-# MAPs (rules/maps.smk): the MAPs and the baseline's confidence labels, 2 shards each; merges of maps, baseline, teacher
-MAPS_STAGES = {"extract_source_features": 1, "fit_class_gmm": 11, "merge_class_gmms": 1, "pseudo_labels": 4,
+# MAPs (rules/maps.smk): 11 class GMMs in 2 jobs (maps.gmm_jobs); the MAPs and the baseline's confidence
+# labels, 2 shards each; merges of maps, baseline, teacher
+MAPS_STAGES = {"extract_source_features": 1, "fit_class_gmm": 2, "merge_class_gmms": 1, "pseudo_labels": 4,
                "merge_pseudo_labels": 3, "pseudo_label_report": 1}
-# Self-training (4 variants), distillation and the report: 6 evaluations (warmup, 4 variants, distill)
+# Self-training (4 variants), distillation and the reports of the seed and over the seeds: 6 evaluations
+# (warmup, 4 variants, distill)
 ADAPTATION_STAGES = {"selftrain": 4, "teacher_pseudo_labels": 2, "distill": 1, "evaluate": 6,
-                     "qualitative_figure": 1, "report": 1}
+                     "qualitative_figure": 1, "report": 1, "report_seeds": 1}
+# Every job of one run seed of the tiny config
+ONE_SEED = {"make_digit_scenes": 3, "index_dataset": 3, "warmup": 1, "oracle": 1, **MAPS_STAGES, **STM_STAGES,
+            **ADAPTATION_STAGES, "evaluate": 7}
 
 
 def test_end_to_end_writes_metrics_and_report(finished_tiny_run):
     workdir, _ = finished_tiny_run
-    results = workdir / "results"
+    results = seed_results(workdir / "results")
     for model in ("warmup", "oracle"):
         metrics = json.loads((results / "evaluation" / model / "metrics.json").read_text())
         confusion = np.array(metrics["confusion"])
@@ -90,7 +97,7 @@ def test_editing_stm_clusters_reruns_prototypes_and_maps_only(finished_tiny_run,
 def test_stm_outputs_of_the_tiny_run(finished_tiny_run):
     from bismap.transferability import read_weight_map, weight_map_paths
 
-    results = finished_tiny_run[0] / "results"
+    results = seed_results(finished_tiny_run[0] / "results")
     summary = json.loads((results / "stm" / "summary.json").read_text())
     assert summary["images"] == 24 and summary["clusters"] == 4 and summary["d_mean"] > 0
     assert sum(summary["pixel_count_per_class"].values()) + summary["ignore_pixels"] == 24 * 32 * 32
@@ -98,6 +105,64 @@ def test_stm_outputs_of_the_tiny_run(finished_tiny_run):
     assert len(paths) == 24 and (results / "stm" / "preview.png").stat().st_size > 1000
     weights = read_weight_map(paths["source_00000"])
     assert weights.shape == (32, 32) and 0.0 <= weights.min() and weights.max() <= 1.0
+
+
+def test_report_over_one_seed_and_a_benchmark_for_every_job(finished_tiny_run):
+    results = finished_tiny_run[0] / "results"
+    aggregate = json.loads((results / "report" / "summary.json").read_text())
+    seed = json.loads((seed_results(results) / "report" / "summary.json").read_text())
+    assert aggregate["seeds"] == [0] and aggregate["seed_count"] == 1
+    for model in ("warmup", "selftrain_bismap", "distill", "oracle"):
+        assert aggregate["models"][model]["miou"] == {"mean": seed[model]["miou"], "std": None,
+                                                      "values": [seed[model]["miou"]]}
+        assert aggregate["models"][model]["per_class_iou"]["7"]["mean"] == seed[model]["per_class_iou"]["7"]
+    assert aggregate["components"]["distill"]["distillation"] is True
+    # one benchmark file per job of the seed (the dry run of a fresh results folder plans them all)
+    files = sorted(path.stem for path in (seed_results(results) / "benchmarks").glob("*.tsv"))
+    stages = aggregate["stage_times"]["stages"]
+    assert {rule: stage["jobs"] for rule, stage in stages.items()} == \
+        {rule: count for rule, count in ONE_SEED.items() if rule != "report_seeds"}
+    assert len(files) == sum(ONE_SEED.values()) - 1 and "fit_class_gmm_job_1" in files
+    per_seed = aggregate["stage_times"]["per_seed"]["0"]
+    assert sum(per_seed.values()) == pytest.approx(aggregate["stage_times"]["total"]["mean"])
+    assert per_seed["evaluate"] == pytest.approx(sum(benchmark_seconds(path) for path in
+                                                     (seed_results(results) / "benchmarks").glob("evaluate_*.tsv")))
+    assert 0 < per_seed["warmup"] < 600
+    markdown = (results / "report" / "summary.md").read_text()
+    assert "## Time per stage" in markdown and "| selftrain_bismap | ✓ | ✓ | ✓ |  |" in markdown
+    assert (results / "benchmarks" / "report_seeds.tsv").is_file()
+
+
+def test_adding_a_seed_plans_only_that_seeds_jobs_and_the_aggregate(finished_tiny_run, tmp_path):
+    workdir, configfile = finished_tiny_run
+    config = yaml.safe_load(configfile.read_text())
+    config["seeds"] = [0, 1]
+    output = run_snakemake(workdir, write_config(tmp_path / "two_seeds.yaml", config), "-n").stdout
+    assert planned_jobs(output) == {**ONE_SEED, "all": 1}  # ONE_SEED has the one report_seeds job
+    blocks = re.findall(r"^rule (\w+):\n((?:    .*\n)+)", output, flags=re.MULTILINE)
+    assert len(blocks) == sum(ONE_SEED.values()) + 1
+    for rule, block in blocks:
+        if rule not in ("report_seeds", "all"):
+            assert re.search(r"wildcards: seed=1\b", block), (rule, block)
+            assert f"output: {workdir / 'results' / 'seed_1'}" in block, (rule, block)
+
+
+def test_a_seed_has_its_own_digit_scenes(tmp_path):
+    """Split seed + 1000 x run seed: seed 1's target-val is the generator's seed 1003 (tiny config: 3)."""
+    from bismap.data.digit_scenes import generate_split, parse_settings
+
+    config = tiny_config(tmp_path / "results")
+    config["seeds"] = [0, 1]
+    target = seed_results(tmp_path / "results", 1) / "data" / "digit_scenes" / "target_val"
+    run_snakemake(tmp_path, write_config(tmp_path / "tiny.yaml", config), str(target))
+    generate_split(tmp_path / "by_hand", "target_val", 12, 1003, parse_settings(config["digit_scenes"]["settings"]))
+    written = {path.relative_to(target): path.read_bytes() for path in sorted(target.rglob("*.png"))}
+    by_hand = {path.relative_to(tmp_path / "by_hand"): path.read_bytes()
+               for path in sorted((tmp_path / "by_hand").rglob("*.png"))}
+    assert len(written) == 24 and written == by_hand  # 12 images, 12 labels
+    generate_split(tmp_path / "seed_0", "target_val", 12, 3, parse_settings(config["digit_scenes"]["settings"]))
+    assert all(path.read_bytes() != written[path.relative_to(tmp_path / "seed_0")]
+               for path in (tmp_path / "seed_0" / "images").glob("*.png"))
 
 
 def test_unknown_config_key_fails_before_any_job(tmp_path):
@@ -128,7 +193,7 @@ def test_missing_imagenet_weights_fail_early_with_the_key(tmp_path):
 def test_bad_label_fails_naming_file_and_keeps_earlier_outputs(tmp_path):
     config = tiny_config(tmp_path / "results")
     configfile = write_config(tmp_path / "tiny.yaml", config)
-    results = tmp_path / "results"
+    results = seed_results(tmp_path / "results")
     run_snakemake(tmp_path, configfile, str(results / "manifests" / "target_val.json"))
     manifest_before = (results / "manifests" / "target_val.json").read_bytes()
     label = results / "data" / "digit_scenes" / "target_val" / "labels" / "target_val_00003.png"

@@ -120,7 +120,7 @@ def _train(context: DistributedContext, job: _TrainJob) -> None:
     started = time.perf_counter()
     for iteration, batch in enumerate(progress, start=run.start):
         learning_rate = set_poly_learning_rate(run.optimizer, settings.optimizer, iteration, settings.iterations)
-        loss = _train_step(run.network, batch, run.optimizer, run.scaler, context, run.use_amp)
+        loss = train_step(run.network, batch, run.optimizer, run.scaler, context, run.use_amp)
         history.append((iteration + 1, loss, learning_rate, time.perf_counter() - started))
         progress.set_postfix(loss=f"{loss:.3f}")
         if (iteration + 1) % settings.log_interval == 0 and context.is_main:
@@ -182,7 +182,7 @@ def _make_loader(manifest: Manifest, settings: TrainSettings, start: int,
                       pin_memory=torch.cuda.is_available())
 
 
-def _train_step(model: torch.nn.Module, batch: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
+def train_step(model: torch.nn.Module, batch: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
                 scaler: torch.amp.GradScaler, context: DistributedContext, use_amp: bool) -> float:
     """One SGD step on this rank's slice; returns the loss of the global batch."""
     device = context.device

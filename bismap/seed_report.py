@@ -1,0 +1,105 @@
+"""The report over run seeds (rule report_seeds): every model row as mean ± std, and the time per stage.
+
+Each run seed has its own report (:func:`bismap.report.write_summary`,
+``seed_<seed>/report/summary.json``) with, per model, mIoU, the gain over that
+seed's warmup, the share of that seed's warmup-to-oracle gap closed, and
+per-class IoU. Here each of these becomes the mean and the sample standard
+deviation (ddof = 1) over the seeds (:mod:`bismap.spread`: with one seed the std
+is undefined, null in JSON and "—" in Markdown). Gains and gap shares are
+averaged per seed, not recomputed from the mean mIoUs. The component columns
+(MAPs, STM, consistency, distillation) are those of the per-seed reports.
+
+The time per stage (:mod:`bismap.stage_times`) comes from Snakemake's benchmark
+file of every job of every seed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from bismap.io import read_json, write_json, write_text
+from bismap.report import COMPONENTS
+from bismap.spread import format_stat, mean_std
+from bismap.stage_times import stage_table, stage_times
+
+logger = logging.getLogger(__name__)
+
+FIGURES = ("miou", "gain_over_warmup", "gap_closed_percent")
+
+
+def aggregate_models(summaries: Mapping[Any, Mapping[str, Any]], models: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """Per model: mean_std over the seeds' summaries of each of FIGURES and of each class's IoU."""
+    rows = {}
+    for model in models:
+        missing = [seed for seed, summary in summaries.items() if model not in summary]
+        if missing:
+            raise KeyError(f"model '{model}' is missing from the report of seed(s) {missing}")
+        per_seed = [summary[model] for summary in summaries.values()]
+        classes = list(per_seed[0]["per_class_iou"])
+        rows[model] = {figure: mean_std([row[figure] for row in per_seed]) for figure in FIGURES}
+        rows[model]["per_class_iou"] = {name: mean_std([row["per_class_iou"].get(name) for row in per_seed])
+                                        for name in classes}
+    return rows
+
+
+def component_table(rows: Mapping[str, Mapping[str, Any]], components: Mapping[str, Mapping[str, bool]]) -> str:
+    """BiSMAP Table 4 with mean ± std cells: components, mIoU, gain over warmup, % of the gap closed."""
+    lines = ["| model | MAPs | STM | consistency | distillation | mIoU | gain | gap closed % |",
+             "|---|---|---|---|---|---|---|---|"]
+    for model, row in rows.items():
+        marks = " | ".join("✓" if components.get(model, {}).get(name) else "" for name in COMPONENTS)
+        lines.append(f"| {model} | {marks} | {format_stat(row['miou'])} | "
+                     f"{format_stat(row['gain_over_warmup'], signed=True)} | "
+                     f"{format_stat(row['gap_closed_percent'], signed=True)} |")
+    return "\n".join(lines) + "\n"
+
+
+def class_table(rows: Mapping[str, Mapping[str, Any]]) -> str:
+    """Per-class IoU and mIoU, mean ± std over the seeds (BiSMAP Table 1 layout)."""
+    classes = list(next(iter(rows.values()))["per_class_iou"])
+    lines = ["| model | " + " | ".join(classes) + " | mIoU |", "|" + "---|" * (len(classes) + 2)]
+    for model, row in rows.items():
+        cells = [format_stat(row["per_class_iou"][name]) for name in classes]
+        lines.append(f"| {model} | " + " | ".join(cells) + f" | {format_stat(row['miou'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_seed_summary(summary_paths: Mapping[int, str | Path], benchmarks: Mapping[int, Mapping[str, Sequence[str]]],
+                       models: Sequence[str], components: Mapping[str, Mapping[str, bool]],
+                       markdown_path: str | Path, json_path: str | Path) -> dict[str, Any]:
+    """Write the Markdown and JSON report over the seeds of ``summary_paths`` (seed -> per-seed summary.json).
+
+    ``benchmarks``: per seed, per rule, the benchmark files of its jobs (:func:`bismap.stage_times.stage_times`).
+    """
+    summaries = {seed: read_json(path) for seed, path in summary_paths.items()}
+    rows = aggregate_models(summaries, models)
+    gap = mean_std([summary.get("gap_warmup_to_oracle") for summary in summaries.values()])
+    times = stage_times(benchmarks)
+    seeds = list(summary_paths)
+    result = {"seeds": seeds, "seed_count": len(seeds), "models": rows, "gap_warmup_to_oracle": gap,
+              "components": {model: dict(components.get(model, {})) for model in models}, "stage_times": times}
+    text = f"# Target-val results over {len(seeds)} run seed(s)\n\n"
+    text += (f"Seeds {', '.join(map(str, seeds))}: mean ± sample standard deviation (ddof = 1) over the seeds; "
+             "'—': undefined with one seed. Reports of each seed: "
+             + ", ".join(f"[seed {seed}]({_relative(Path(path).with_suffix('.md'), markdown_path)})"
+                         for seed, path in summary_paths.items()) + ".\n")
+    text += "\n## Components (BiSMAP Table 4)\n\n" + component_table(rows, components)
+    text += "\n## Per-class IoU (BiSMAP Table 1)\n\n" + class_table(rows)
+    if gap["mean"] is not None:
+        text += f"\nGap between source-only warmup and target oracle: {format_stat(gap)} mIoU points.\n"
+    text += "\n## Time per stage\n\nWall seconds per seed of each rule's jobs (Snakemake benchmarks, column s), "
+    text += "mean ± std over the seeds.\n\n" + stage_table(times)
+    for model, row in rows.items():
+        logger.info("%s: mIoU %s over %d seed(s)", model, format_stat(row["miou"]), len(seeds))
+    logger.info("wall time per seed, all stages: %s s", format_stat(times["total"]))
+    write_text(markdown_path, text)
+    write_json(json_path, result)
+    return result
+
+
+def _relative(path: Path, markdown_path: str | Path) -> str:
+    return Path(os.path.relpath(path, Path(markdown_path).parent)).as_posix()

@@ -1,0 +1,122 @@
+"""The report over run seeds (bismap.seed_report) and the time per stage (bismap.stage_times), on hand-made files."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from bismap.seed_report import write_seed_summary
+from bismap.stage_times import benchmark_seconds, stage_times
+
+COMPONENTS = {"selftrain_bismap": {"maps": True, "stm": True, "consistency": True, "distillation": False}}
+BENCHMARK_HEADER = "s\th:m:s\tmax_rss\tmax_vms\tmax_uss\tmax_pss\tio_in\tio_out\tmean_load\tcpu_time\n"
+
+
+def seed_summary(warmup: float, bismap: float, oracle: float, bismap_classes: dict) -> dict:
+    """A per-seed report/summary.json as bismap.report.write_summary writes it (two classes, a and b)."""
+    def row(miou, classes, components=None):
+        gain = miou - warmup
+        return {"miou": miou, "per_class_iou": classes, "gain_over_warmup": gain,
+                "gap_closed_percent": 100.0 * gain / (oracle - warmup), "components": components or {}}
+    return {"warmup": row(warmup, {"a": 10.0, "b": 5.0}), "selftrain_bismap": row(bismap, bismap_classes,
+                                                                                   COMPONENTS["selftrain_bismap"]),
+            "oracle": row(oracle, {"a": 90.0, "b": 80.0}), "gap_warmup_to_oracle": oracle - warmup}
+
+
+def write_benchmark(path: Path, *seconds: float) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows = "".join(f"{value}\t0:00:00\t100.0\t200.0\t50.0\t60.0\t0.0\t0.1\t50.0\t{value / 2}\n" for value in seconds)
+    path.write_text(BENCHMARK_HEADER + rows)
+    return str(path)
+
+
+def hand_made_benchmarks(root: Path) -> dict[int, dict[str, list[str]]]:
+    """Seed 0: warmup 10.5 s, evaluate 1.25 + 2.0 s, index 0.5 s; seed 1: 12.5, 1.75 + 2.5, 0.5 + 0.25 (2 rows)."""
+    jobs = {0: {"warmup": [[10.5]], "evaluate": [[1.25], [2.0]], "index_dataset": [[0.5]]},
+            1: {"warmup": [[12.5]], "evaluate": [[1.75], [2.5]], "index_dataset": [[0.5, 0.25]]}}
+    return {seed: {rule: [write_benchmark(root / f"seed_{seed}" / f"{rule}_{job}.tsv", *rows)
+                          for job, rows in enumerate(files)] for rule, files in rules.items()}
+            for seed, rules in jobs.items()}
+
+
+@pytest.fixture
+def three_seeds(tmp_path) -> dict[int, Path]:
+    summaries = {0: seed_summary(20.0, 30.0, 60.0, {"a": 40.0, "b": None}),
+                 1: seed_summary(22.0, 31.0, 62.0, {"a": 50.0, "b": 10.0}),
+                 2: seed_summary(24.0, 38.0, 70.0, {"a": 60.0, "b": 20.0})}
+    paths = {}
+    for seed, summary in summaries.items():
+        paths[seed] = tmp_path / f"seed_{seed}" / "report" / "summary.json"
+        paths[seed].parent.mkdir(parents=True)
+        paths[seed].write_text(json.dumps(summary))
+    return paths
+
+
+def test_mean_and_sample_std_of_each_model_row(three_seeds, tmp_path):
+    report = tmp_path / "report"
+    result = write_seed_summary(three_seeds, hand_made_benchmarks(tmp_path / "bench"),
+                                ["warmup", "selftrain_bismap", "oracle"], COMPONENTS,
+                                report / "summary.md", report / "summary.json")
+    assert json.loads((report / "summary.json").read_text())["seeds"] == [0, 1, 2]
+    models = result["models"]
+    assert result["seed_count"] == 3
+    assert (models["warmup"]["miou"]["mean"], models["warmup"]["miou"]["std"]) == (22.0, 2.0)
+    assert models["oracle"]["miou"]["mean"] == 64.0 and models["oracle"]["miou"]["std"] == pytest.approx(math.sqrt(28))
+    bismap = models["selftrain_bismap"]
+    assert bismap["miou"]["mean"] == 33.0 and bismap["miou"]["std"] == pytest.approx(math.sqrt(19))
+    assert bismap["gain_over_warmup"]["values"] == [10.0, 9.0, 14.0]  # each seed against its own warmup
+    assert bismap["gain_over_warmup"]["mean"] == 11.0
+    assert bismap["gain_over_warmup"]["std"] == pytest.approx(math.sqrt(7))
+    closed = [25.0, 22.5, 100 * 14 / 46]  # 10/40, 9/40, 14/46 of each seed's gap
+    assert bismap["gap_closed_percent"]["mean"] == pytest.approx(sum(closed) / 3)
+    assert bismap["gap_closed_percent"]["std"] == pytest.approx(
+        math.sqrt(sum((value - sum(closed) / 3) ** 2 for value in closed) / 2))
+    assert bismap["per_class_iou"]["a"]["mean"] == 50.0 and bismap["per_class_iou"]["a"]["std"] == 10.0
+    assert bismap["per_class_iou"]["b"]["mean"] == 15.0  # seed 0's class b is undefined: left out
+    assert bismap["per_class_iou"]["b"]["std"] == pytest.approx(math.sqrt(50))
+    assert result["gap_warmup_to_oracle"]["mean"] == 42.0  # gaps 40, 40, 46
+    markdown = (report / "summary.md").read_text()
+    # gap closed: std of 25, 22.5, 30.43 = 4.06
+    assert "| selftrain_bismap | ✓ | ✓ | ✓ |  | 33.0 ± 4.4 | +11.0 ± 2.6 | +26.0 ± 4.1 |" in markdown
+    assert "| selftrain_bismap | 50.0 ± 10.0 | 15.0 ± 7.1 | 33.0 ± 4.4 |" in markdown
+    assert "[seed 1](../seed_1/report/summary.md)" in markdown
+
+
+def test_one_seed_has_no_std(three_seeds, tmp_path):
+    result = write_seed_summary({2: three_seeds[2]}, {}, ["warmup", "selftrain_bismap"], COMPONENTS,
+                                tmp_path / "one.md", tmp_path / "one.json")
+    assert result["models"]["selftrain_bismap"]["miou"] == {"mean": 38.0, "std": None, "values": [38.0]}
+    assert json.loads((tmp_path / "one.json").read_text())["models"]["warmup"]["miou"]["std"] is None
+    assert "| selftrain_bismap | ✓ | ✓ | ✓ |  | 38.0 ± — | +14.0 ± — |" in (tmp_path / "one.md").read_text()
+
+
+def test_stage_times_sum_the_s_column_over_jobs_and_average_over_seeds(tmp_path):
+    benchmarks = hand_made_benchmarks(tmp_path)
+    assert benchmark_seconds(benchmarks[1]["index_dataset"][0]) == 0.75  # two rows (benchmark repeats)
+    times = stage_times(benchmarks)
+    assert times["per_seed"] == {0: {"warmup": 10.5, "evaluate": 3.25, "index_dataset": 0.5},
+                                 1: {"warmup": 12.5, "evaluate": 4.25, "index_dataset": 0.75}}
+    stages = times["stages"]
+    assert [stages[rule]["jobs"] for rule in ("warmup", "evaluate", "index_dataset")] == [1, 2, 1]
+    assert stages["warmup"]["seconds"]["mean"] == 11.5 and stages["warmup"]["seconds"]["std"] == pytest.approx(2 ** 0.5)
+    assert stages["evaluate"]["seconds"]["mean"] == 3.75 and stages["index_dataset"]["seconds"]["mean"] == 0.625
+    assert times["total"]["values"] == [14.25, 17.5]
+    assert times["total"]["mean"] == 15.875 and times["total"]["std"] == pytest.approx(3.25 / 2 ** 0.5)
+
+
+def test_stage_table_in_the_report(three_seeds, tmp_path):
+    write_seed_summary({0: three_seeds[0], 1: three_seeds[1]}, hand_made_benchmarks(tmp_path / "bench"),
+                       ["warmup"], {}, tmp_path / "summary.md", tmp_path / "summary.json")
+    table = (tmp_path / "summary.md").read_text().split("## Time per stage")[1]
+    assert "| warmup | 1 | 11.5 ± 1.4 | 72.4 |" in table  # 11.5 / 15.875
+    assert "| evaluate | 2 | 3.8 ± 0.7 | 23.6 |" in table
+    assert "| **total** | 4 | 15.9 ± 2.3 | 100.0 |" in table
+
+
+def test_a_file_that_is_not_a_benchmark_fails_naming_it(tmp_path):
+    (tmp_path / "bad.tsv").write_text("seconds\n1.0\n")
+    with pytest.raises(ValueError, match="bad.tsv is not a Snakemake benchmark"):
+        benchmark_seconds(tmp_path / "bad.tsv")
