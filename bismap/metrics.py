@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from bismap.data.samples import IGNORE_INDEX
 from bismap.io import atomic_path
 
+if TYPE_CHECKING:  # the report rules read metrics without torch: its import costs ~2 s a job
+    import torch
+
 
 def confusion_matrix(prediction: torch.Tensor, target: torch.Tensor, num_classes: int) -> torch.Tensor:
     """(K, K) int64 counts, rows = ground truth, columns = prediction; ignore pixels skipped."""
+    import torch
+
     valid = target != IGNORE_INDEX
     codes = target[valid].long() * num_classes + prediction[valid].long()
     return torch.bincount(codes, minlength=num_classes * num_classes).reshape(num_classes, num_classes).cpu()

@@ -8,8 +8,6 @@ import sys
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
-import torch
-
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
@@ -20,7 +18,8 @@ def rule_context(log_file: str | Path, threads: int = 1) -> Iterator[logging.Log
     handlers: list[logging.Handler] = [logging.FileHandler(log_file, mode="w"), logging.StreamHandler(sys.stderr)]
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, handlers=handlers, force=True)
     logging.captureWarnings(True)
-    torch.set_num_threads(max(1, int(threads)))
+    if "torch" in sys.modules:  # scripts that never use torch skip its ~2 s import
+        sys.modules["torch"].set_num_threads(max(1, int(threads)))
     logger = logging.getLogger("bismap.rule")
     try:
         yield logger

@@ -143,7 +143,10 @@ class SegmentationDataset(Dataset):
         if self.augmentation is not None:
             with torch.random.fork_rng(devices=[]):
                 if seed is not None:
-                    torch.manual_seed(seed)
+                    # The CPU generator only: torch.manual_seed would also seed (and on a
+                    # CPU-only run, queue a lazy call with a stack trace for) every CUDA
+                    # device, outside what fork_rng(devices=[]) restores, at ~0.8 ms a sample.
+                    torch.random.default_generator.manual_seed(seed)
                 image, *masks = self.augmentation(image, *masks)
         pixels = F.normalize(F.to_dtype(image, torch.float32, scale=True), self.mean, self.std)
         label = masks[0].as_subclass(torch.Tensor).long()
