@@ -1,4 +1,4 @@
-"""Manifests, the segmentation dataset, augmentation and a resumable batch order.
+"""The segmentation dataset, augmentation and a resumable batch order (manifests: bismap.data.samples).
 
 A manifest (JSON, written by the ``index_dataset`` rule) fixes the list of
 samples of one domain; training, evaluation and every later stage read it.
@@ -23,29 +23,16 @@ from bismap.data.photometric import align_image
 from bismap.data.samples import (
     IGNORE_INDEX,
     DatasetError,
+    Manifest,
     Sample,
     check_same_size,
     open_image,
     read_train_id_label,
 )
-from bismap.io import read_json
 from bismap.stm import read_weight_map
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-@dataclass(frozen=True)
-class Manifest:
-    format: str
-    num_classes: int
-    samples: tuple[Sample, ...]
-
-    @classmethod
-    def load(cls, path: str | Path) -> Manifest:
-        data = read_json(path)
-        samples = tuple(Sample(item["name"], item["image"], item["label"]) for item in data["samples"])
-        return cls(data["format"], int(data["num_classes"]), samples)
 
 
 @dataclass(frozen=True)

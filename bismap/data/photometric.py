@@ -48,7 +48,7 @@ from PIL import Image
 from skimage.color import lab2rgb, rgb2lab
 from tqdm import tqdm
 
-from bismap.data.samples import open_image
+from bismap.data.samples import Manifest, open_image
 from bismap.io import read_json, write_json, write_png
 
 logger = logging.getLogger(__name__)
@@ -219,8 +219,6 @@ def compute_and_write(
     images; the preview shows ``preview_rows`` seeded source images before and
     after alignment, each next to a (seeded) target image.
     """
-    from bismap.data.loading import Manifest  # imported here: loading imports this module
-
     target_paths = [sample.image for sample in Manifest.load(target_manifest).samples]
     source_paths = [sample.image for sample in Manifest.load(source_manifest).samples]
     stats = compute_target_statistics(target_paths, max_images, seed)

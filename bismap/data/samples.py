@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from bismap.io import read_json
+
 IGNORE_INDEX = 255
 
 
@@ -28,6 +30,27 @@ class Sample:
     name: str
     image: str
     label: str | None
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """The samples of one domain as the ``index_dataset`` rule wrote them (a JSON file).
+
+    It lives here, next to :class:`Sample`, rather than in
+    :mod:`bismap.data.loading`, so that modules below the loader (e.g.
+    :mod:`bismap.data.photometric`, which the loader imports) can read a
+    manifest without an import cycle.
+    """
+
+    format: str
+    num_classes: int
+    samples: tuple[Sample, ...]
+
+    @classmethod
+    def load(cls, path: str | Path) -> Manifest:
+        data = read_json(path)
+        samples = tuple(Sample(item["name"], item["image"], item["label"]) for item in data["samples"])
+        return cls(data["format"], int(data["num_classes"]), samples)
 
 
 def open_image(path: str | Path) -> np.ndarray:
