@@ -42,6 +42,7 @@ from bismap.data.loading import Manifest, SegmentationDataset
 from bismap.data.samples import IGNORE_INDEX
 from bismap.gmm import ClassPrototypes, torch_dtype
 from bismap.io import read_json, write_json, write_png
+from bismap.methods.prototypes import margin_assignment
 from bismap.training.checkpoint import load_model
 
 logger = logging.getLogger(__name__)
@@ -101,11 +102,8 @@ def assign_cas(features: torch.Tensor, centroids: torch.Tensor, margin: float,
     for chunk in features.split(chunk_rows):
         distances = torch.cdist(chunk.to(dtype), centroids.nan_to_num(0.0))  # (n, C)
         distances[:, absent] = torch.inf
-        nearest = distances.topk(min(2, len(centroids)), dim=1, largest=False)  # sorted ascending
-        gap = (nearest.values[:, 1] - nearest.values[:, 0] if len(centroids) > 1
-               else torch.full_like(nearest.values[:, 0], torch.inf))
-        kept = torch.isfinite(nearest.values[:, 0]) & (gap > margin)
-        labels.append(_keep(nearest.indices[:, 0], kept))
+        label, gap = margin_assignment(distances, margin, dim=1)  # (n,), (n,): shared with bismap.methods.cag
+        labels.append(label)
         scores.append(gap)
     return torch.cat(labels), torch.cat(scores)
 
