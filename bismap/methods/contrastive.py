@@ -1,0 +1,149 @@
+"""Bi-directional contrastive learning for domain adaptive segmentation (paper 003).
+
+What the paper defines (Sec. 3.2-3.4, supplement Sec. 1) and what this module computes:
+
+* Eq. 1: prototypes rho_S, rho_T by masked average pooling of one source and
+  one target image's features under y_S and the hybrid y_T
+  (``bismap.methods.prototypes.class_centroids``);
+* Eq. 2 (forward, FCL): each TARGET pixel against the SOURCE prototypes,
+  -log softmax_c(s(f_T(p), rho_S(c)) / tau) at its class, s = cosine
+  (:func:`forward_contrastive_pixels`); Eq. 3 (backward, BCL): each SOURCE pixel
+  against the TARGET prototypes (:func:`backward_contrastive_pixels`). Both
+  directions are pixel-to-prototype with the softmax over classes: "backward"
+  reverses which domain gives the pixels and which the prototypes, as Eq. 3
+  is written;
+* Eq. 4-5: the momentum prototypes mu_S, mu_T
+  (``bismap.methods.prototypes.momentum_update``, lambda = 0.999);
+* Eq. 6-7: prototype calibration rho_{S->T}(c) = rho_S(c) + mu_T(c) - mu_S(c)
+  (:func:`calibrated_prototypes`);
+* Eq. 8-9: dynamic pseudo-labels, the class c' of the most similar calibrated
+  prototype where that similarity exceeds T = 0.7 (:func:`dynamic_pseudo_labels`);
+* Eq. 10: hybrid labels, the dynamic label where there is one, else the static
+  one (:func:`hybrid_pseudo_labels`);
+* Eq. 11: the entropy terms of L_base (:func:`entropy_pixels`);
+* supplement Eq. 1: class sampling probabilities P(c) proportional to the
+  inverse share of source images containing c (:func:`class_sampling_probabilities`).
+
+Where this follows the paper rather than its public code: the public code has
+no calibration (Eq. 6-7) and no hybrid labels, and its dynamic labels compare
+the argmax index, not a similarity, with the threshold; here Eq. 6-10 are
+built from the text. Details the paper leaves open: tau is not given (the
+public code scales the cosines by 10, i.e. tau = 0.1, the default here); a
+class without a prototype in the current image takes no part in the softmax
+(the paper sums over all of C; the public code gives it similarity -1 and
+drops its pixels); where mu_S or mu_T of a class is not known yet, xi = 0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.nn import functional as F
+
+from bismap.data.samples import IGNORE_INDEX
+from bismap.losses import PixelLosses
+from bismap.methods.prototypes import absent_classes, pixel_cosine_similarities
+
+
+@dataclass(frozen=True)
+class ContrastiveSettings:
+    """The paper's setting, found on GTA5 -> Cityscapes and used for all benchmarks (supplement Sec. 1)."""
+
+    temperature: float = 0.1  # tau of Eq. 2-3: not in the paper; the public code's scale 10
+    forward_weight: float = 0.5  # lambda_FC of Eq. 12 (supplement Sec. 1)
+    backward_weight: float = 0.5  # lambda_BC of Eq. 12
+    prototype_momentum: float = 0.999  # lambda of Eq. 4-5
+    similarity_threshold: float = 0.7  # T of Eq. 8
+    source_segmentation_weight: float = 1.0  # lambda^S_seg of Eq. 11
+    target_segmentation_weight: float = 1.0  # lambda^T_seg
+    source_entropy_weight: float = 0.4  # lambda^S_ent
+    target_entropy_weight: float = 0.4  # lambda^T_ent
+    static_label_interval: int = 10_000  # iterations between updates of the static labels y_F (Sec. 4.1)
+
+    def __post_init__(self) -> None:
+        if self.temperature <= 0:
+            raise ValueError(f"contrastive.temperature must be > 0, got {self.temperature}")
+        if not 0.0 <= self.prototype_momentum <= 1.0 or not -1.0 <= self.similarity_threshold <= 1.0:
+            raise ValueError("contrastive.prototype_momentum must be in [0, 1], similarity_threshold in [-1, 1]")
+        if self.static_label_interval < 1:
+            raise ValueError("contrastive.static_label_interval must be >= 1")
+
+
+def prototype_contrast_pixels(features: torch.Tensor, labels: torch.Tensor, prototypes: torch.Tensor,
+                              temperature: float) -> PixelLosses:
+    """-log softmax_c(s(f(p), rho(c)) / tau) at each pixel's class (B, h, w), and the pixels that count.
+
+    features (B, D, h, w), labels (B, h, w) with 255 = ignore, prototypes
+    (K, D) with NaN rows for classes absent from the other image: those leave
+    the softmax, and pixels of such a class do not count (no positive pair).
+    """
+    if bool(absent_classes(prototypes).all()):
+        raise ValueError("the contrastive loss needs at least one prototype")
+    logits = pixel_cosine_similarities(features, prototypes) / temperature  # (B, K, h, w), -inf if absent
+    log_probabilities = F.log_softmax(logits, dim=1)
+    labelled = labels != IGNORE_INDEX
+    safe_labels = torch.where(labelled, labels, torch.zeros_like(labels))
+    positive = log_probabilities.gather(1, safe_labels[:, None])[:, 0]  # (B, h, w)
+    counts = labelled & torch.isfinite(positive)
+    return torch.where(counts, -positive, torch.zeros_like(positive)), counts
+
+
+def forward_contrastive_pixels(target_features: torch.Tensor, target_labels: torch.Tensor,
+                               source_prototypes: torch.Tensor, temperature: float) -> PixelLosses:
+    """Eq. 2 (FCL) per pixel: target pixels f_T under the hybrid labels y_T against the source prototypes rho_S."""
+    return prototype_contrast_pixels(target_features, target_labels, source_prototypes, temperature)
+
+
+def backward_contrastive_pixels(source_features: torch.Tensor, source_labels: torch.Tensor,
+                                target_prototypes: torch.Tensor, temperature: float) -> PixelLosses:
+    """Eq. 3 (BCL) per pixel: source pixels f_S under the ground truth y_S against the target prototypes rho_T."""
+    return prototype_contrast_pixels(source_features, source_labels, target_prototypes, temperature)
+
+
+def calibrated_prototypes(source_prototypes: torch.Tensor, source_momentum: torch.Tensor,
+                          target_momentum: torch.Tensor) -> torch.Tensor:
+    """Eq. 6-7: rho_{S->T}(c) = rho_S(c) + xi(c), xi(c) = mu_T(c) - mu_S(c); (K, D), NaN where rho_S is.
+
+    xi(c) = 0 for a class whose mu_S or mu_T is not known yet (the paper
+    does not say; no estimate of the bias means no correction).
+    """
+    bias = target_momentum - source_momentum  # (K, D), Eq. 6
+    bias = torch.where(torch.isnan(bias).any(dim=1, keepdim=True), torch.zeros_like(bias), bias)
+    return source_prototypes + bias.detach()
+
+
+def dynamic_pseudo_labels(target_features: torch.Tensor, calibrated: torch.Tensor,
+                          threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eq. 8-9: labels (B, h, w), c' = argmax_c s(f_T(p), rho_{S->T}(c)) where that s > T (else 255), and s.
+
+    Only the classes of the current source image have a calibrated prototype;
+    a target pixel can only take one of them. No gradient: these are labels.
+    """
+    with torch.no_grad():
+        similarities = pixel_cosine_similarities(target_features, calibrated)  # (B, K, h, w)
+        best, labels = similarities.max(dim=1)  # (B, h, w)
+    return torch.where(best > threshold, labels, torch.full_like(labels, IGNORE_INDEX)), best
+
+
+def hybrid_pseudo_labels(dynamic_labels: torch.Tensor, static_labels: torch.Tensor) -> torch.Tensor:
+    """Eq. 10: the dynamic label y_D where it exists, else the static label y_F (255 where neither)."""
+    return torch.where(dynamic_labels != IGNORE_INDEX, dynamic_labels, static_labels)
+
+
+def entropy_pixels(logits: torch.Tensor, mask: torch.Tensor | None = None) -> PixelLosses:
+    """The entropy terms of Eq. 11 per pixel: -sum_c p_c log p_c (B, h, w), and ``mask``."""
+    log_probabilities = F.log_softmax(logits.float(), dim=1)  # (B, K, h, w)
+    per_pixel = -(log_probabilities.exp() * log_probabilities).sum(dim=1)
+    return per_pixel, None if mask is None else mask.to(per_pixel.dtype)
+
+
+def class_sampling_probabilities(class_presence: torch.Tensor) -> torch.Tensor:
+    """Supplement Eq. 1: P(c) = p(c)^-1 / sum_c' p(c')^-1 from (N_images, K) bool presence; 0 for unseen classes.
+
+    p(c) is the share of source images whose label contains c. Training then
+    draws a class from P and a source image containing it.
+    """
+    occurrence = class_presence.double().mean(dim=0)  # p(c), (K,)
+    inverse = torch.where(occurrence > 0, 1.0 / occurrence.clamp_min(1e-300), torch.zeros_like(occurrence))
+    return inverse / inverse.sum()
