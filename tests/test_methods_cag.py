@@ -1,0 +1,90 @@
+"""CAG-UDA (bismap.methods.cag): anchors, active-sample labels with a margin, distance loss, schedule."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from bismap.data.samples import IGNORE_INDEX
+from bismap.losses import masked_mean
+from bismap.methods.cag import (CagSchedule, CagSettings, anchor_distance_pixels, anchor_pseudo_labels,
+                                category_anchors, probability_pseudo_labels)
+from bismap.pseudo_labels import assign_cas
+from bismap.settings import SettingsError, from_dict
+
+ANCHORS = torch.tensor([[0.0, 0.0], [4.0, 0.0]])
+
+
+def feature_map(rows: list[list[float]]) -> torch.Tensor:
+    """(1, D, 1, N) from N D-vectors."""
+    return torch.tensor(rows).T[None, :, None, :]
+
+
+def test_anchors_are_source_class_centroids() -> None:
+    features = feature_map([[0.0, 2.0], [2.0, 0.0], [5.0, 5.0]])
+    anchors = category_anchors(features, torch.tensor([[[0, 0, IGNORE_INDEX]]]), num_classes=2)
+    assert anchors[0].tolist() == [1.0, 1.0] and torch.isnan(anchors[1]).all()
+
+
+def test_equidistant_pixel_is_ignored_and_clearly_closer_one_assigned() -> None:
+    features = feature_map([[2.0, 0.0], [0.5, 0.0], [1.0, 0.0], [3.9, 1.0]])
+    labels, gaps = anchor_pseudo_labels(features, ANCHORS, margin=2.5)
+    # distances: (2, 2) tie; (0.5, 3.5) gap 3; (1, 3) gap 2 < 2.5; (sqrt(16.21), sqrt(1.01))
+    assert labels.tolist() == [[[IGNORE_INDEX, 0, IGNORE_INDEX, 1]]]
+    assert gaps[0, 0, :3].tolist() == pytest.approx([0.0, 3.0, 2.0], abs=1e-5)
+    assert gaps[0, 0, 3].item() == pytest.approx(math.sqrt(16.21) - math.sqrt(1.01), abs=1e-5)
+
+
+def test_labels_agree_with_the_cas_pseudo_label_strategy() -> None:
+    features = torch.randn(2, 3, 4, 5, generator=torch.Generator().manual_seed(0))
+    anchors = torch.randn(4, 3, generator=torch.Generator().manual_seed(1))
+    labels, _ = anchor_pseudo_labels(features, anchors, margin=0.3)
+    rows = features.permute(0, 2, 3, 1).reshape(-1, 3)
+    cas_labels, _ = assign_cas(rows, anchors, margin=0.3)
+    assert torch.equal(labels.reshape(-1), cas_labels)
+
+
+def test_anchor_distance_loss_hand_value_and_mask() -> None:
+    features = feature_map([[1.0, 2.0], [4.0, 3.0], [9.0, 9.0], [1.0, 1.0]])
+    anchors = torch.tensor([[0.0, 0.0], [4.0, 0.0], [math.nan, math.nan]])
+    labels = torch.tensor([[[0, 1, IGNORE_INDEX, 2]]])  # pixel 3: class without an anchor
+    values, mask = anchor_distance_pixels(features, labels, anchors)
+    assert mask.tolist() == [[[True, True, False, False]]]
+    assert values[0, 0, :2].tolist() == [5.0, 9.0]  # 1 + 4, 0 + 9
+    assert masked_mean(values, mask).item() == pytest.approx(7.0)
+
+
+def test_anchor_distance_gradient_pulls_features_toward_the_anchor() -> None:
+    features = feature_map([[1.0, 2.0]]).requires_grad_(True)
+    anchors = ANCHORS.clone().requires_grad_(True)
+    values, mask = anchor_distance_pixels(features, torch.tensor([[[0]]]), anchors)
+    masked_mean(values, mask).backward()
+    assert features.grad[0, :, 0, 0].tolist() == [2.0, 4.0]  # d/df ||f - a||^2 = 2 (f - a)
+    assert anchors.grad is None
+
+
+def test_probability_labels_keep_confident_pixels() -> None:
+    logits = torch.tensor([[5.0, 0.0], [0.1, 0.0]]).T[None, :, None, :]  # (1, 2, 1, 2)
+    labels, confidence = probability_pseudo_labels(logits, threshold=0.95)
+    assert labels.tolist() == [[[0, IGNORE_INDEX]]]
+    assert confidence[0, 0, 0].item() == pytest.approx(1 / (1 + math.exp(-5)))
+
+
+def test_schedule_lists_the_stages_and_finds_an_iteration() -> None:
+    schedule = from_dict(CagSchedule, {"iterations_per_stage": 100}, "cag.schedule")
+    assert [(stage.index, stage.first_iteration) for stage in schedule.stage_list()] == [(1, 0), (2, 100), (3, 200)]
+    assert schedule.stage_at(150).index == 2 and schedule.stage_at(299).index == 3
+    with pytest.raises(ValueError):
+        schedule.stage_at(300)
+    with pytest.raises(SettingsError):
+        from_dict(CagSchedule, {}, "cag.schedule")  # the paper fixes no stage length
+
+
+def test_settings_default_to_the_paper_and_refuse_unknown_keys() -> None:
+    settings = from_dict(CagSettings, {}, "cag")
+    assert (settings.margin, settings.distance_weight, settings.cross_entropy_weight,
+            settings.probability_threshold) == (2.5, 0.3, 0.7, 0.95)
+    with pytest.raises(SettingsError):
+        from_dict(CagSettings, {"delta": 2.5}, "cag")
