@@ -162,7 +162,11 @@ def image_class_distribution(labels: torch.Tensor, num_classes: int) -> torch.Te
 
 def update_class_distribution(distribution: torch.Tensor, image_distributions: torch.Tensor,
                               momentum: float) -> torch.Tensor:
-    """CPSL Eq. 11, once per image in batch order: delta <- alpha delta + (1 - alpha) delta_n; unlabelled images skipped."""
+    """CPSL Eq. 11, once per image in batch order: delta <- alpha delta + (1 - alpha) delta_n.
+
+    image_distributions (B, K) from :func:`image_class_distribution`; an image
+    without labelled pixels (a zero row) leaves the distribution as it is.
+    """
     for image_distribution in image_distributions.to(distribution.dtype):
         if float(image_distribution.sum()) > 0:
             distribution = momentum * distribution + (1.0 - momentum) * image_distribution
