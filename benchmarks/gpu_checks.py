@@ -3,7 +3,7 @@
 A separate module (not the script) because the DDP worker must be importable
 by name in the child processes that :func:`bismap.training.processes.launch`
 starts (which is also why the benchmarks that pull in scikit-learn are imported
-inside the checks that use them). Each check runs the library's own code path: ``_train_step`` of the
+inside the checks that use them). Each check runs the library's own code path: ``train_step`` of the
 supervised stages (AMP, GradScaler), ``wrap_model`` (SyncBatchNorm + DDP),
 ``assign_maps`` (Eq. 6 scoring), :mod:`bismap.clustering` (FAISS K-Means and
 the Eq. 7 search).
@@ -23,7 +23,7 @@ from bismap.models import ModelSettings, build_model
 from bismap.pseudo_labels import assign_maps
 from bismap.training.distributed import DistributedContext, launch, rank_slice, wrap_model
 from bismap.training.optim import OptimizerSettings, make_optimizer
-from bismap.training.supervised import _train_step
+from bismap.training.supervised import train_step
 
 MB = 1024 * 1024
 
@@ -81,9 +81,9 @@ def _train_steps(context: DistributedContext, settings: ModelSettings, classes: 
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     global_batch = random_batch(batch, size, classes, context.device)
     local = {key: rank_slice(value, context) for key, value in global_batch.items()}  # this process's slice
-    _train_step(network, local, optimizer, scaler, context, use_amp)  # warm-up: cuDNN plans, allocator
+    train_step(network, local, optimizer, scaler, context, use_amp)  # warm-up: cuDNN plans, allocator
     reset_peak(context.device)
-    seconds, losses = timed(lambda: [_train_step(network, local, optimizer, scaler, context, use_amp)
+    seconds, losses = timed(lambda: [train_step(network, local, optimizer, scaler, context, use_amp)
                                      for _ in range(steps)], context.device)
     return {"seconds": seconds, "images_per_second": steps * batch / seconds, "loss": float(losses[-1]),
             "peak_mb": peak_mb(context.device) or 0.0, "amp": float(use_amp)}
