@@ -25,7 +25,7 @@ import torch
 from sklearn.mixture import GaussianMixture as SklearnMixture
 from threadpoolctl import threadpool_limits
 
-from bismap.gmm import ClassPrototypes, GaussianMixture, fit_gmm
+from bismap.labels.gmm import ClassPrototypes, GaussianMixture, fit_gmm
 
 
 def random_prototypes(rng: np.random.Generator, classes: int, components: int, dim: int) -> ClassPrototypes:

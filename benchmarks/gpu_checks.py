@@ -19,8 +19,8 @@ import numpy as np
 import torch
 
 from bismap.clustering import PrototypeSearch, faiss_gpu_support, kmeans, kmeans_on_gpu, search_backend
+from bismap.labels.strategies import assign_maps
 from bismap.models import ModelSettings, build_model
-from bismap.pseudo_labels import assign_maps
 from bismap.training.distributed import DistributedContext, launch, rank_slice, wrap_model
 from bismap.training.optim import OptimizerSettings, make_optimizer
 from bismap.training.supervised import train_step

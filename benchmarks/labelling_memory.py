@@ -6,13 +6,13 @@ Run from the repository root::
     python benchmarks/labelling_memory.py --device cuda    # the same on a GPU (device memory too)
     python benchmarks/labelling_memory.py --quick          # 128x256 and a thin network: seconds
 
-The two stages of :func:`bismap.pseudo_labels.label_images` for one image, on
+The two stages of :func:`bismap.labels.strategies.label_images` for one image, on
 the code path the ``pseudo_labels`` rule runs:
 
-1. network forward (:func:`bismap.pseudo_labels.network_outputs`): the model of
+1. network forward (:func:`bismap.labels.strategies.network_outputs`): the model of
    ``config/gta5_to_cityscapes.yaml`` (ResNet-101, width 64, output stride 16,
    256-d decoder features at H/4 x W/4), random weights, eval mode, no grad;
-2. scoring (:func:`bismap.pseudo_labels.image_labels`): MAPs log-densities of
+2. scoring (:func:`bismap.labels.strategies.image_labels`): MAPs log-densities of
    19 classes x K=8 diagonal Gaussians over the (h*w, 256) features in chunks
    of ``chunk_rows``, Eq. 6 with delta = 100, then the (H, W) uint8 labels.
 
@@ -35,8 +35,8 @@ import yaml
 from gmm_benchmark import random_prototypes
 from peak_memory import PeakMemory
 
+from bismap.labels.strategies import PseudoLabelSettings, image_labels, network_outputs, resolve_thresholds
 from bismap.models import ModelSettings, build_model
-from bismap.pseudo_labels import PseudoLabelSettings, image_labels, network_outputs, resolve_thresholds
 from bismap.settings import from_dict
 
 REPOSITORY = Path(__file__).resolve().parents[1]

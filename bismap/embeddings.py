@@ -50,7 +50,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from bismap.data.loading import Manifest, SegmentationDataset
-from bismap.features import file_sha256
+from bismap.labels.features import file_sha256
 from bismap.models.resnet import ResNetEncoder
 from bismap.training.checkpoint import load_model
 

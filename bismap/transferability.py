@@ -48,7 +48,7 @@ from bismap.data.photometric import load_statistics
 from bismap.data.samples import IGNORE_INDEX
 from bismap.embeddings import EmbeddingNetwork, embedding_dataset, upsampled_rows
 from bismap.io import atomic_path, read_json, shard_png_paths, write_json, write_png
-from bismap.pseudo_labels import shard_indices
+from bismap.labels.strategies import shard_indices
 from bismap.stm import (WEIGHT_PNG_SCALE, MeanDistanceAccumulator, encode_weight_png, read_weight_map,
                         transferability_weights)
 from bismap.target_prototypes import load_prototypes, read_class_entropy

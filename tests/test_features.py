@@ -13,11 +13,11 @@ import torch
 from PIL import Image
 from torch import nn
 
-from bismap import features as features_module
 from bismap.data.index import index_dataset
 from bismap.data.loading import IMAGENET_MEAN, IMAGENET_STD
-from bismap.features import (ClassReservoir, FeatureSettings, downsample_label, extract_source_features,
-                             priority_keys, read_class_features, read_feature_info)
+from bismap.labels import features as features_module
+from bismap.labels.features import (ClassReservoir, FeatureSettings, downsample_label, extract_source_features,
+                                    priority_keys, read_class_features, read_feature_info)
 from bismap.models import ModelSettings, SegmentationOutput, build_model
 from bismap.training.checkpoint import save_checkpoint
 

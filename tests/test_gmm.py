@@ -10,10 +10,10 @@ import torch
 from scipy.linalg import solve_triangular
 from sklearn.mixture import GaussianMixture as SklearnMixture
 
-from bismap.features import write_features
-from bismap.gmm import (ClassPrototypes, GaussianMixture, GMMSettings, Standardizer, class_gmm_paths, fit_class_gmm,
-                        fit_class_gmms, fit_gmm, load_class_gmm, merge_class_gmms, save_class_gmm)
-from bismap.mixture import precision_cholesky
+from bismap.labels.features import write_features
+from bismap.labels.gmm import (ClassPrototypes, GaussianMixture, GMMSettings, Standardizer, class_gmm_paths,
+                               fit_class_gmm, fit_class_gmms, fit_gmm, load_class_gmm, merge_class_gmms, save_class_gmm)
+from bismap.labels.mixture import precision_cholesky
 from bismap.settings import from_dict
 
 

@@ -11,8 +11,8 @@ import torch
 import yaml
 from PIL import Image
 
-from bismap.pseudo_label_report import ReportPaths, ReportSettings, pseudo_label_report
-from bismap.pseudo_labels import PseudoLabelSettings, label_images
+from bismap.labels.quality import ReportPaths, ReportSettings, pseudo_label_report
+from bismap.labels.strategies import PseudoLabelSettings, label_images
 from bismap.settings import from_dict
 from tests.conftest import REPO, planned_jobs, run_snakemake, seed_results, write_config
 from tests.real_fixtures import make_cityscapes, make_gta5

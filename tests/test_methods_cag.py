@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from bismap.data.samples import IGNORE_INDEX
+from bismap.labels.strategies import assign_cas
 from bismap.losses import masked_mean
 from bismap.methods.cag import (CagSchedule, CagSettings, anchor_distance_pixels, anchor_pseudo_labels,
                                 category_anchors, probability_pseudo_labels)
-from bismap.pseudo_labels import assign_cas
 from bismap.settings import SettingsError, from_dict
 
 ANCHORS = torch.tensor([[0.0, 0.0], [4.0, 0.0]])

@@ -13,12 +13,12 @@ from PIL import Image
 from bismap.data.digit_scenes import DigitScenesSettings, generate_split
 from bismap.data.index import index_dataset
 from bismap.data.loading import Manifest, SegmentationDataset
-from bismap.features import downsample_label, write_features
-from bismap.gmm import ClassPrototypes, GaussianMixture, GMMSettings, fit_class_gmm, merge_class_gmms
+from bismap.labels.features import downsample_label, write_features
+from bismap.labels.gmm import ClassPrototypes, GaussianMixture, GMMSettings, fit_class_gmm, merge_class_gmms
+from bismap.labels.strategies import (PseudoLabelSettings, assign_cas, assign_confidence, assign_confidence_balanced,
+                                      assign_maps, label_images, merge_label_statistics, resolve_thresholds,
+                                      upsample_labels)
 from bismap.models import ModelSettings, build_model
-from bismap.pseudo_labels import (PseudoLabelSettings, assign_cas, assign_confidence, assign_confidence_balanced,
-                                  assign_maps, label_images, merge_label_statistics, resolve_thresholds,
-                                  upsample_labels)
 from bismap.settings import from_dict
 from bismap.training.checkpoint import save_checkpoint
 

@@ -1,7 +1,7 @@
 """Rule extract_source_features: warmup features of correctly classified source pixels, per class (Eq. 3)."""
 
 from bismap.devices import acquire_devices
-from bismap.features import FeatureSettings, extract_source_features
+from bismap.labels.features import FeatureSettings, extract_source_features
 from bismap.runtime import rule_context
 from bismap.settings import from_dict
 

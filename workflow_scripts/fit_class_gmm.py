@@ -1,6 +1,6 @@
 """Rule fit_class_gmm: the MAPs (a GMM, Eqs. 4-5) of some classes, one class_<c>.h5 each, on the CPU."""
 
-from bismap.gmm import GMMSettings, fit_class_gmms
+from bismap.labels.gmm import GMMSettings, fit_class_gmms
 from bismap.runtime import rule_context
 from bismap.settings import from_dict
 

@@ -1,6 +1,6 @@
 """Rule merge_class_gmms: every class's GMM, anchors and calibration in one prototypes file."""
 
-from bismap.gmm import GMMSettings, class_gmm_paths, merge_class_gmms
+from bismap.labels.gmm import GMMSettings, class_gmm_paths, merge_class_gmms
 from bismap.runtime import rule_context
 from bismap.settings import from_dict
 

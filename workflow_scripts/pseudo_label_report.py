@@ -3,7 +3,7 @@
 from pathlib import Path
 
 from bismap.devices import acquire_devices
-from bismap.pseudo_label_report import ReportPaths, ReportSettings, pseudo_label_report
+from bismap.labels.quality import ReportPaths, ReportSettings, pseudo_label_report
 from bismap.runtime import rule_context
 from bismap.settings import from_dict
 

@@ -2,7 +2,7 @@
 
 from bismap.devices import acquire_devices
 from bismap.io import atomic_directory, write_json
-from bismap.pseudo_labels import PseudoLabelSettings, label_images, merge_label_statistics
+from bismap.labels.strategies import PseudoLabelSettings, label_images, merge_label_statistics
 from bismap.runtime import rule_context
 from bismap.settings import from_dict
 

@@ -6,13 +6,13 @@ What the paper defines (Sec. 3.2-3.4, 4.1) and what this module computes:
   of each class over the whole source set, computed at the start of a stage
   and then fixed (:func:`category_anchors` for one batch; over a dataset, add
   up ``bismap.methods.prototypes.class_feature_sums`` and divide with
-  ``centroids_from_sums``). ``bismap.gmm`` stores the same centroids with the
+  ``centroids_from_sums``). ``bismap.labels.gmm`` stores the same centroids with the
   MAPs (``ClassPrototypes.centroids``) for the ``cas`` pseudo-label strategy;
 * Eq. 5-7 (ATI, PLA): the Euclidean distance of each target feature to each
   anchor; a pixel is active when the second-nearest anchor is farther than
   the nearest by more than Delta_d, and then takes the nearest anchor's class
   (:func:`anchor_pseudo_labels`). This is the computation of the ``cas``
-  strategy of :mod:`bismap.pseudo_labels` (both call
+  strategy of :mod:`bismap.labels.strategies` (both call
   ``bismap.methods.prototypes.margin_assignment``), here on a (B, D, h, w) map;
 * Eq. 8 and 10: the category-wise distance loss ||f^s_c - f||^2 of source
   pixels (ground truth) and of active target pixels (their anchor label)
@@ -32,9 +32,9 @@ from dataclasses import dataclass
 import torch
 
 from bismap.data.samples import IGNORE_INDEX
+from bismap.labels.strategies import assign_confidence
 from bismap.losses import PixelLosses
 from bismap.methods.prototypes import absent_classes, class_centroids, margin_assignment, pixel_distances
-from bismap.pseudo_labels import assign_confidence
 
 
 @dataclass(frozen=True)
@@ -127,7 +127,7 @@ def anchor_distance_pixels(features: torch.Tensor, labels: torch.Tensor, anchors
 def probability_pseudo_labels(logits: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
     """The probability-based active labels of Eq. 11: argmax where the softmax maximum >= P_0 (B, h, w), and it.
 
-    ``bismap.pseudo_labels.assign_confidence`` on the (B, K, h, w) logits.
+    ``bismap.labels.strategies.assign_confidence`` on the (B, K, h, w) logits.
     """
     batch, classes, height, width = logits.shape
     rows = logits.permute(0, 2, 3, 1).reshape(-1, classes)  # (B*h*w, K)

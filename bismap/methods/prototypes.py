@@ -15,10 +15,10 @@ compare pixel features with it:
   similarities (bi-directional contrastive Eq. 2-3 and 8-9) of every pixel to
   every prototype, (B, K, h, w);
 * the nearest prototype with a distance margin (CAG-UDA Eq. 6-7), which the
-  ``cas`` strategy of :mod:`bismap.pseudo_labels` calls too.
+  ``cas`` strategy of :mod:`bismap.labels.strategies` calls too.
 
 Conventions: prototypes are (K, D); a class without a prototype (never seen)
-is a row of NaN, as in ``bismap.gmm.ClassPrototypes.centroids``. Its distance
+is a row of NaN, as in ``bismap.labels.gmm.ClassPrototypes.centroids``. Its distance
 is +inf and its similarity -inf, so it never wins an argmin/argmax and gets a
 softmax weight of 0. Labels are int64 with 255 (``IGNORE_INDEX``) = ignore, at
 the feature resolution (h, w) (see :func:`labels_at_feature_size`).

@@ -1,13 +1,13 @@
 """Pseudo-label quality against target-train labels over threshold sweeps (BiSMAP Table 5).
 
-For every strategy of :mod:`bismap.pseudo_labels` (``maps``, ``cas``,
+For every strategy of :mod:`bismap.labels.strategies` (``maps``, ``cas``,
 ``confidence``, ``confidence_balanced``) and every threshold of its sweep the
 report gives
 
 * **coverage**: the labelled fraction of all target-train pixels (the "PL
   ratio" of BiSMAP Table 5);
 * **accuracy**: correct / labelled, over the labelled pixels that have a true
-  label (the ``precision`` of :class:`bismap.pseudo_labels.LabelStatistics`);
+  label (the ``precision`` of :class:`bismap.labels.strategies.LabelStatistics`);
 * **mIoU**: the mean IoU of the pseudo-labels against the truth over the
   labelled pixels only (an unlabelled pixel is neither right nor wrong), over
   the classes that occur there;
@@ -20,14 +20,14 @@ ratio of pseudo labels" comparison of BiSMAP Sec. 4.5.
 
 Efficiency: every image goes through the network once; every strategy scores
 it once at feature resolution (h, w) with the functions of
-:mod:`bismap.pseudo_labels` (the per-cell class and score: max log-density,
+:mod:`bismap.labels.strategies` (the per-cell class and score: max log-density,
 anchor-distance gap, softmax maximum, or within-class rank), and every
 threshold of the sweep is then a comparison on those cached (h*w,) scores.
 Labels are counted at image resolution without upsampling per threshold: the
 true-class histogram of the image pixels each cell covers under the nearest
-upsampling of :func:`bismap.pseudo_labels.upsample_labels` is computed once per
+upsampling of :func:`bismap.labels.strategies.upsample_labels` is computed once per
 image, so the numbers are exactly those of the PNGs that
-:func:`bismap.pseudo_labels.label_images` would write at that threshold (same
+:func:`bismap.labels.strategies.label_images` would write at that threshold (same
 dtype, same comparison: ``>=`` for maps and confidence, ``>`` for cas).
 """
 
@@ -47,11 +47,11 @@ from tqdm import tqdm
 
 from bismap.data.loading import Manifest, SegmentationDataset
 from bismap.data.samples import IGNORE_INDEX
-from bismap.gmm import ClassPrototypes, torch_dtype
 from bismap.io import atomic_path, write_json, write_text
+from bismap.labels.gmm import ClassPrototypes, torch_dtype
+from bismap.labels.strategies import (STRATEGIES, THRESHOLD_MODES, assign_cas, assign_confidence, assign_maps,
+                                      load_matching_prototypes)
 from bismap.metrics import intersection_over_union
-from bismap.pseudo_labels import (STRATEGIES, THRESHOLD_MODES, assign_cas, assign_confidence, assign_maps,
-                                  load_matching_prototypes)
 from bismap.training.checkpoint import load_model
 
 logger = logging.getLogger(__name__)
@@ -125,7 +125,7 @@ def cell_truth_counts(label: torch.Tensor, cells: tuple[int, int], num_classes: 
 def within_class_ranks(labels: torch.Tensor, confidence: torch.Tensor) -> torch.Tensor:
     """Rank (0 = most confident) of each pixel among the pixels of its predicted class: (N,) int64.
 
-    Ties: the earlier pixel first, as :func:`bismap.pseudo_labels.assign_confidence_balanced`.
+    Ties: the earlier pixel first, as :func:`bismap.labels.strategies.assign_confidence_balanced`.
     """
     by_confidence = torch.argsort(confidence, descending=True, stable=True)  # (N,)
     order = by_confidence[torch.argsort(labels[by_confidence], stable=True)]  # grouped by class

@@ -2,7 +2,7 @@
 
 Workflow use (one job per step):
 
-1. :func:`bismap.features.extract_source_features` -> features HDF5 (Eq. 3);
+1. :func:`bismap.labels.features.extract_source_features` -> features HDF5 (Eq. 3);
 2. :func:`fit_class_gmms`: :func:`fit_class_gmm` + :func:`save_class_gmm` for some
    classes, one folder of ``class_<c>.h5`` per job (fan-out; gathered by :func:`class_gmm_paths`);
 3. :func:`merge_class_gmms` -> :class:`ClassPrototypes`, saved with ``save``.
@@ -17,7 +17,7 @@ adds its log-Jacobian, so log-densities are those of the original features
 unchanged.
 
 The mixture math (:class:`GaussianMixture`, :func:`fit_gmm`) lives in
-:mod:`bismap.mixture` and is re-exported here.
+:mod:`bismap.labels.mixture` and is re-exported here.
 """
 
 from __future__ import annotations
@@ -33,9 +33,9 @@ import h5py
 import numpy as np
 import torch
 
-from bismap.features import read_class_features, read_feature_info
 from bismap.io import atomic_directory, atomic_path
-from bismap.mixture import GaussianMixture, diag_parameters, fit_gmm
+from bismap.labels.features import read_class_features, read_feature_info
+from bismap.labels.mixture import GaussianMixture, diag_parameters, fit_gmm
 
 __all__ = ["GMMSettings", "GaussianMixture", "fit_gmm", "Standardizer", "ClassPrototypes", "fit_class_gmm",
            "save_class_gmm", "load_class_gmm", "merge_class_gmms", "torch_dtype", "fit_class_gmms", "class_gmm_paths"]

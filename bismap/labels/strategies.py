@@ -5,7 +5,7 @@
   delta for all classes (the paper: 100 for GTA5, -50 for SYNTHIA);
   ``'percentile'`` uses per class the ``percentile``-th percentile of that
   class's own source log-densities (stored in the prototypes by
-  :func:`bismap.gmm.merge_class_gmms`), because an absolute delta depends on
+  :func:`bismap.labels.gmm.merge_class_gmms`), because an absolute delta depends on
   the feature scale and dimension.
 * ``cas``: CAG-UDA's category anchors. Class = the nearest source class
   centroid (Euclidean, CAG-UDA Eq. 5); kept ("active") when the second-nearest
@@ -40,8 +40,8 @@ from tqdm import tqdm
 
 from bismap.data.loading import Manifest, SegmentationDataset
 from bismap.data.samples import IGNORE_INDEX
-from bismap.gmm import ClassPrototypes, torch_dtype
 from bismap.io import read_json, write_json, write_png
+from bismap.labels.gmm import ClassPrototypes, torch_dtype
 from bismap.methods.prototypes import margin_assignment
 from bismap.training.checkpoint import load_model
 
