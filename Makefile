@@ -25,7 +25,7 @@ install-gpu: $(STAMP)
 	$(BIN)/python -m pip install --quiet -e '.[gpu]'
 	$(BIN)/python -m pip uninstall --quiet -y faiss-cpu faiss-gpu
 	$(BIN)/python -m pip install --quiet --no-deps 'faiss-gpu>=1.14.3'
-	$(BIN)/python -c "from bismap.clustering import faiss_build; print(faiss_build())"
+	$(BIN)/python -c "from bismap.stm.clustering import faiss_build; print(faiss_build())"
 
 run: $(STAMP)
 	$(BIN)/snakemake --cores $(CORES)

@@ -46,7 +46,7 @@ from gpu_checks import (CheckResult, amp_training_step, backend_summary, ddp_ste
                         prototype_search)
 from labelling_memory import measure_labelling, paper_model_settings
 
-from bismap.clustering import faiss_build
+from bismap.stm.clustering import faiss_build
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 CLASSES = 19

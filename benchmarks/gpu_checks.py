@@ -5,7 +5,7 @@ by name in the child processes that :func:`bismap.training.processes.launch`
 starts (which is also why the benchmarks that pull in scikit-learn are imported
 inside the checks that use them). Each check runs the library's own code path: ``train_step`` of the
 supervised stages (AMP, GradScaler), ``wrap_model`` (SyncBatchNorm + DDP),
-``assign_maps`` (Eq. 6 scoring), :mod:`bismap.clustering` (FAISS K-Means and
+``assign_maps`` (Eq. 6 scoring), :mod:`bismap.stm.clustering` (FAISS K-Means and
 the Eq. 7 search).
 """
 
@@ -18,9 +18,9 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from bismap.clustering import PrototypeSearch, faiss_gpu_support, kmeans, kmeans_on_gpu, search_backend
 from bismap.labels.strategies import assign_maps
 from bismap.models import ModelSettings, build_model
+from bismap.stm.clustering import PrototypeSearch, faiss_gpu_support, kmeans, kmeans_on_gpu, search_backend
 from bismap.training.distributed import DistributedContext, launch, rank_slice, wrap_model
 from bismap.training.optim import OptimizerSettings, make_optimizer
 from bismap.training.supervised import train_step

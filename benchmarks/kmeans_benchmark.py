@@ -9,7 +9,7 @@ Run from the repository root::
 One run of each, on the same embeddings, same J, same number of Lloyd
 iterations (scikit-learn with ``tol=0`` so that it does not stop earlier):
 
-* ``bismap.clustering.kmeans`` as the ``target_prototypes`` rule runs it:
+* ``bismap.stm.clustering.kmeans`` as the ``target_prototypes`` rule runs it:
   FAISS trains on a random subset of 256 points per centre (its default);
 * FAISS on all points (``max_points_per_centroid`` raised), the same work as
   scikit-learn;
@@ -32,8 +32,8 @@ import numpy as np
 from sklearn.cluster import KMeans
 from threadpoolctl import threadpool_limits
 
-from bismap.clustering import kmeans, nearest_distance
-from bismap.target_prototypes import read_target_embeddings
+from bismap.stm.clustering import kmeans, nearest_distance
+from bismap.stm.target import read_target_embeddings
 
 
 def synthetic_embeddings(rows: int, dim: int, modes: int, seed: int) -> np.ndarray:
@@ -90,7 +90,7 @@ def main() -> None:
     j, iterations, seed = arguments.clusters, arguments.iterations, arguments.seed
     print(f"embeddings: {source}, {embeddings.shape[0]} x {embeddings.shape[1]}; J = {j}, "
           f"{iterations} iterations, {threads} thread(s)")
-    runs = [("FAISS, bismap.clustering.kmeans", min(len(embeddings), 256 * j),
+    runs = [("FAISS, bismap.stm.clustering.kmeans", min(len(embeddings), 256 * j),
              lambda: kmeans(embeddings, j, seed, iterations, device="cpu")),
             ("FAISS, all points", len(embeddings), lambda: faiss_all_points(embeddings, j, seed, iterations)),
             ("scikit-learn KMeans (lloyd, k-means++)", len(embeddings),

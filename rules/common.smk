@@ -206,7 +206,7 @@ def stm_shards():
 
 
 def stm_weight_directories(seed="{seed}"):
-    """The folders of the STM weight PNGs, one per shard (bismap.transferability.weight_map_paths)."""
+    """The folders of the STM weight PNGs, one per shard (bismap.stm.source.weight_map_paths)."""
     return [run_path("stm", "weights", f"shard_{shard}", seed=seed) for shard in stm_shards()]
 
 

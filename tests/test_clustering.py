@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from bismap import clustering
-from bismap.clustering import PrototypeSearch, kmeans, kmeans_on_gpu, nearest_distance, search_backend
+from bismap.stm import clustering
+from bismap.stm.clustering import PrototypeSearch, kmeans, kmeans_on_gpu, nearest_distance, search_backend
 
 
 def _blobs(seed: int = 0) -> np.ndarray:
@@ -83,7 +83,7 @@ def test_backend_follows_job_device_and_faiss_build(fresh_log_lines, caplog: pyt
     assert search_backend(cuda, gpu_support=True) == "faiss-gpu"
     assert not kmeans_on_gpu(None, gpu_support=True) and kmeans_on_gpu(cuda, gpu_support=True)
     assert caplog.records == []  # nothing to explain
-    with caplog.at_level(logging.INFO, logger="bismap.clustering"):
+    with caplog.at_level(logging.INFO, logger="bismap.stm.clustering"):
         for _ in range(3):  # e.g. once per image: still one line each
             assert search_backend(cuda, gpu_support=False) == "torch"
             assert kmeans_on_gpu(cuda, gpu_support=False) is False
@@ -100,7 +100,7 @@ def test_kmeans_on_a_cuda_job_without_gpu_faiss_falls_back_to_the_cpu(
     monkeypatch.setattr(clustering, "faiss_gpu_support", lambda: False)  # as faiss-cpu, whatever is installed
     embeddings = _blobs(2)
     expected = kmeans(embeddings, 4, seed=1, iterations=5, device="cpu")
-    with caplog.at_level(logging.WARNING, logger="bismap.clustering"):
+    with caplog.at_level(logging.WARNING, logger="bismap.stm.clustering"):
         first = kmeans(embeddings, 4, seed=1, iterations=5, device="cuda")  # never touches CUDA
         second = kmeans(embeddings, 4, seed=1, iterations=5, device=torch.device("cuda", 0))
     np.testing.assert_array_equal(first, expected)

@@ -34,7 +34,7 @@ import torch
 
 from bismap.data.loading import AugmentSettings
 from bismap.data.strong_augment import StrongAugmentSettings
-from bismap.stm import encode_weight_png
+from bismap.stm.weights import encode_weight_png
 from bismap.training import selftrain
 from bismap.training.checkpoint import load_model
 from bismap.training.distill import DistillInputs, DistillSettings, DistillStep, distill

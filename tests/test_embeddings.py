@@ -9,9 +9,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from bismap.embeddings import (CheckpointLayoutError, EmbeddingNetworkSettings, build_embedding_network,
-                               load_embedding_encoder, pixel_embeddings, upsampled_rows)
 from bismap.models.resnet import ResNetEncoder
+from bismap.stm.embeddings import (CheckpointLayoutError, EmbeddingNetworkSettings, build_embedding_network,
+                                   load_embedding_encoder, pixel_embeddings, upsampled_rows)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

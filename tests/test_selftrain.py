@@ -14,7 +14,7 @@ from bismap.data.index import index_dataset
 from bismap.data.loading import AugmentSettings, Manifest
 from bismap.io import shard_png_paths, write_png
 from bismap.models import ModelSettings
-from bismap.stm import encode_weight_png
+from bismap.stm.weights import encode_weight_png
 from bismap.training.checkpoint import load_model
 from bismap.training.distill import DistillInputs, DistillSettings, distill
 from bismap.training.optim import OptimizerSettings
@@ -140,8 +140,8 @@ def test_distillation_logs_eq_12_terms_and_starts_from_the_warmup(data, tmp_path
 
 
 def test_student_takes_a_self_supervised_backbone_in_any_accepted_layout(data, tmp_path):
-    from bismap.embeddings import CheckpointLayoutError
     from bismap.models import build_model
+    from bismap.stm.embeddings import CheckpointLayoutError
     from bismap.training.distill import make_student
 
     folder = data["folder"]

@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from bismap.stm import (IGNORE_WEIGHT, ClassEntropyAccumulator, MeanDistanceAccumulator, decode_weight_png,
-                        encode_weight_png, min_max_normalize, pixel_entropy, transferability_weights)
+from bismap.stm.weights import (IGNORE_WEIGHT, ClassEntropyAccumulator, MeanDistanceAccumulator, decode_weight_png,
+                                encode_weight_png, min_max_normalize, pixel_entropy, transferability_weights)
 
 
 def _softmax(shape: tuple[int, ...], seed: int) -> torch.Tensor:

@@ -11,20 +11,19 @@ import pytest
 import torch
 from PIL import Image
 
-from bismap.clustering import PrototypeSearch
 from bismap.data.digit_scenes import DigitScenesSettings, generate_split
 from bismap.data.index import index_dataset
 from bismap.data.loading import Manifest
-from bismap.embeddings import EmbeddingNetworkSettings, Normalization, build_embedding_network
 from bismap.models import ModelSettings, build_model
-from bismap.stm import WEIGHT_PNG_SCALE, transferability_weights
-from bismap.target_prototypes import (ClassEntropySettings, PrototypeSettings, TargetEmbeddingSettings,
-                                      class_entropy, extract_target_embeddings, fit_target_prototypes,
-                                      load_prototypes, read_class_entropy, read_target_embeddings)
+from bismap.stm.clustering import PrototypeSearch
+from bismap.stm.embeddings import EmbeddingNetworkSettings, Normalization, build_embedding_network
+from bismap.stm.source import (TransferabilitySettings, image_distances, mean_distance, merge_transferability,
+                               read_weight_map, source_distance_statistics, weight_map_paths, write_weight_maps)
+from bismap.stm.target import (ClassEntropySettings, PrototypeSettings, TargetEmbeddingSettings, class_entropy,
+                               extract_target_embeddings, fit_target_prototypes, load_prototypes, read_class_entropy,
+                               read_target_embeddings)
+from bismap.stm.weights import WEIGHT_PNG_SCALE, transferability_weights
 from bismap.training.checkpoint import save_checkpoint
-from bismap.transferability import (TransferabilitySettings, image_distances, mean_distance,
-                                    merge_transferability, read_weight_map, source_distance_statistics,
-                                    weight_map_paths, write_weight_maps)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -117,7 +116,7 @@ def test_maps_follow_eq9_and_ignore_pixels_get_zero(stm_inputs):
     entropy = read_class_entropy(folder / "entropy.json", CLASSES)
     centroids = load_prototypes(folder / "prototypes.npy")
     manifest = Manifest.load(folder / "source.json")
-    from bismap.embeddings import embedding_dataset
+    from bismap.stm.embeddings import embedding_dataset
 
     item = embedding_dataset(manifest, IMAGENET, labelled=True)[2]
     label = item["label"].numpy()
@@ -184,7 +183,7 @@ def test_incomplete_distance_shards_are_refused(stm_inputs, tmp_path):
 def test_embedding_resolution_upsamples_cell_distances(stm_inputs):
     from torch.nn import functional as F
 
-    from bismap.clustering import nearest_distance
+    from bismap.stm.clustering import nearest_distance
 
     network, centroids = stm_inputs["network"], load_prototypes(stm_inputs["folder"] / "prototypes.npy")
     image = torch.rand(3, 32, 40, generator=torch.Generator().manual_seed(0))

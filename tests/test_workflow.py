@@ -95,7 +95,7 @@ def test_editing_stm_clusters_reruns_prototypes_and_maps_only(finished_tiny_run,
 
 
 def test_stm_outputs_of_the_tiny_run(finished_tiny_run):
-    from bismap.transferability import read_weight_map, weight_map_paths
+    from bismap.stm.source import read_weight_map, weight_map_paths
 
     results = seed_results(finished_tiny_run[0] / "results")
     summary = json.loads((results / "stm" / "summary.json").read_text())

@@ -3,7 +3,7 @@
 from bismap.devices import acquire_devices
 from bismap.runtime import rule_context
 from bismap.settings import from_dict
-from bismap.target_prototypes import ClassEntropySettings, class_entropy
+from bismap.stm.target import ClassEntropySettings, class_entropy
 
 with rule_context(snakemake.log[0], snakemake.threads):
     with acquire_devices(snakemake.resources.get("gpu", 0)) as device:

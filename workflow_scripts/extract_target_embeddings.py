@@ -1,10 +1,10 @@
 """Rule extract_target_embeddings: sampled per-pixel \\hat{E} embeddings of target-train (BiSMAP Sec. 3.4)."""
 
 from bismap.devices import acquire_devices
-from bismap.embeddings import EmbeddingNetworkSettings, build_embedding_network
 from bismap.runtime import rule_context
 from bismap.settings import from_dict
-from bismap.target_prototypes import TargetEmbeddingSettings, extract_target_embeddings
+from bismap.stm.embeddings import EmbeddingNetworkSettings, build_embedding_network
+from bismap.stm.target import TargetEmbeddingSettings, extract_target_embeddings
 
 with rule_context(snakemake.log[0], snakemake.threads):
     with acquire_devices(snakemake.resources.get("gpu", 0)) as device:

@@ -2,13 +2,13 @@
 merge_source_transferability (summary and preview); BiSMAP Sec. 3.4, Eqs. 7 and 9."""
 
 from bismap.devices import acquire_devices
-from bismap.embeddings import EmbeddingNetworkSettings, build_embedding_network
 from bismap.io import atomic_directory
 from bismap.runtime import rule_context
 from bismap.settings import from_dict
-from bismap.target_prototypes import set_faiss_threads
-from bismap.transferability import (TransferabilitySettings, merge_transferability, source_distance_statistics,
-                                    write_weight_maps)
+from bismap.stm.embeddings import EmbeddingNetworkSettings, build_embedding_network
+from bismap.stm.source import (TransferabilitySettings, merge_transferability, source_distance_statistics,
+                               write_weight_maps)
+from bismap.stm.target import set_faiss_threads
 
 with rule_context(snakemake.log[0], snakemake.threads):
     photometric = snakemake.input.get("photometric_statistics")  # GPA-stylized source, as trained

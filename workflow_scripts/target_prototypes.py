@@ -3,7 +3,7 @@
 from bismap.devices import acquire_devices
 from bismap.runtime import rule_context
 from bismap.settings import from_dict
-from bismap.target_prototypes import PrototypeSettings, fit_target_prototypes, set_faiss_threads
+from bismap.stm.target import PrototypeSettings, fit_target_prototypes, set_faiss_threads
 
 with rule_context(snakemake.log[0], snakemake.threads):
     set_faiss_threads(snakemake.threads)

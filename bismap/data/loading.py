@@ -29,7 +29,7 @@ from bismap.data.samples import (
     open_image,
     read_train_id_label,
 )
-from bismap.stm import read_weight_map
+from bismap.stm.weights import read_weight_map
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -32,10 +32,10 @@ import torch
 from torch.nn import functional as F
 
 from bismap.data.photometric import load_statistics
-from bismap.embeddings import check_state, torchvision_state
 from bismap.io import shard_png_paths
 from bismap.losses import kl_divergence_pixels, weighted_cross_entropy_pixels
 from bismap.models import build_model
+from bismap.stm.embeddings import check_state, torchvision_state
 from bismap.training.adaptation import AdaptationRun, Batch, DomainData, pixel_mean, train_and_save
 from bismap.training.checkpoint import fingerprint, load_model
 from bismap.training.distributed import DistributedContext, launch_training

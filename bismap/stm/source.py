@@ -6,23 +6,23 @@ training loss sees it) and every pixel i at label resolution::
     D(x^s)_i = min_j || \\hat{f}_i^s - A_j ||_2                                  (Eq. 7)
     w_i^s    = min{ exp(-D(x^s)_i^2 / d_mean^2 * log 2) + e'_{y_i^s}, 1.0 }      (Eq. 9)
 
-* \\hat{f}^s: :mod:`bismap.embeddings`. ``distance_resolution: image``
+* \\hat{f}^s: :mod:`bismap.stm.embeddings`. ``distance_resolution: image``
   (default, BiSMAP footnote 1): the embedding map is bilinearly upsampled to
   the label size and Eq. 7 is evaluated at every pixel (exact search in
   chunks of ``chunk_rows`` pixels on the job's device,
-  :class:`bismap.clustering.PrototypeSearch`); ``embedding``: Eq. 7 at the
+  :class:`bismap.stm.clustering.PrototypeSearch`); ``embedding``: Eq. 7 at the
   embedding cells, then the distance map is bilinearly upsampled (cheaper by
   ~stride^2).
 * d_mean: mean of D over every pixel of the WHOLE source set, from a separate
   pass (:func:`source_distance_statistics`, one job per shard) whose exact
-  partial sums (:class:`bismap.stm.MeanDistanceAccumulator`) are merged before
+  partial sums (:class:`bismap.stm.weights.MeanDistanceAccumulator`) are merged before
   any map is written: the maps depend neither on file order nor on sharding.
-* e': Eq. 8 from :func:`bismap.target_prototypes.class_entropy`; y^s the
-  ground truth; ignore pixels (255) get weight 0.0 (:mod:`bismap.stm`).
+* e': Eq. 8 from :func:`bismap.stm.target.class_entropy`; y^s the
+  ground truth; ignore pixels (255) get weight 0.0 (:mod:`bismap.stm.weights`).
 
 Output: one 16-bit grayscale PNG per source image, ``<sample name>.png``, at
 label resolution; weight = value / 65535 (read back by
-:func:`bismap.stm.read_weight_map`, imported here too). Images are processed
+:func:`bismap.stm.weights.read_weight_map`, imported here too). Images are processed
 one at a time, so any shard count gives byte-identical PNGs. The training
 stage finds them with :func:`weight_map_paths`.
 """
@@ -42,16 +42,16 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from bismap.clustering import PrototypeSearch
 from bismap.data.loading import Manifest
 from bismap.data.photometric import load_statistics
 from bismap.data.samples import IGNORE_INDEX
-from bismap.embeddings import EmbeddingNetwork, embedding_dataset, upsampled_rows
 from bismap.io import atomic_path, read_json, shard_png_paths, write_json, write_png
 from bismap.labels.strategies import shard_indices
-from bismap.stm import (WEIGHT_PNG_SCALE, MeanDistanceAccumulator, encode_weight_png, read_weight_map,
-                        transferability_weights)
-from bismap.target_prototypes import load_prototypes, read_class_entropy
+from bismap.stm.clustering import PrototypeSearch
+from bismap.stm.embeddings import EmbeddingNetwork, embedding_dataset, upsampled_rows
+from bismap.stm.target import load_prototypes, read_class_entropy
+from bismap.stm.weights import (WEIGHT_PNG_SCALE, MeanDistanceAccumulator, encode_weight_png, read_weight_map,
+                                transferability_weights)
 
 logger = logging.getLogger(__name__)
 

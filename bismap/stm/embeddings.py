@@ -176,7 +176,7 @@ def check_state(encoder: nn.Module, state: dict[str, torch.Tensor], path: str | 
         raise CheckpointLayoutError(
             f"embedding checkpoint {path} does not fit the configured {network}: missing keys {_listed(missing)}, "
             f"unexpected keys "
-            f"{_listed(unexpected)}, wrong shape {_listed(wrong)}{hint} (accepted layouts: bismap.embeddings)")
+            f"{_listed(unexpected)}, wrong shape {_listed(wrong)}{hint} (accepted layouts: bismap.stm.embeddings)")
     return {**{key: expected[key] for key in expected if key.endswith(OPTIONAL_SUFFIX)}, **state}
 
 

@@ -1,7 +1,7 @@
 """Backward direction, target side: embeddings, K-Means prototypes and class entropy (BiSMAP Sec. 3.4).
 
 * :func:`extract_target_embeddings`: per-pixel embeddings of \\hat{E}
-  (:mod:`bismap.embeddings`: layer4, bilinearly upsampled to the image) at
+  (:mod:`bismap.stm.embeddings`: layer4, bilinearly upsampled to the image) at
   ``per_image`` pixels of every target-train image, drawn without replacement
   by a generator seeded with ``(seed, image index)`` alone, so the sample does
   not depend on batch size or image order. HDF5 (written atomically):
@@ -13,7 +13,7 @@
   Clustering"), a float32 (J, E) ``.npy`` written atomically.
 * :func:`class_entropy`: e_c and e_c' of Eq. 8 -- the warmup model's mean
   prediction entropy per predicted class on target-train, logits bilinearly
-  upsampled to the image first, min-max normalised (:mod:`bismap.stm`), JSON.
+  upsampled to the image first, min-max normalised (:mod:`bismap.stm.weights`), JSON.
 """
 
 from __future__ import annotations
@@ -32,12 +32,12 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from bismap.clustering import PrototypeSearch, kmeans
 from bismap.data.loading import Manifest, SegmentationDataset
-from bismap.embeddings import EmbeddingNetwork, embedding_dataset, pixel_embeddings
 from bismap.io import atomic_path, write_json
 from bismap.settings import to_dict
-from bismap.stm import ClassEntropyAccumulator
+from bismap.stm.clustering import PrototypeSearch, kmeans
+from bismap.stm.embeddings import EmbeddingNetwork, embedding_dataset, pixel_embeddings
+from bismap.stm.weights import ClassEntropyAccumulator
 from bismap.training.checkpoint import load_model
 
 logger = logging.getLogger(__name__)
