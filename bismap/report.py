@@ -18,8 +18,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from bismap.evaluation.metrics import markdown_table
 from bismap.io import read_json, write_json, write_text
-from bismap.metrics import markdown_table
 
 logger = logging.getLogger(__name__)
 

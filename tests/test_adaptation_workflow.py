@@ -63,7 +63,7 @@ def test_qualitative_figure_has_a_column_per_model(finished_tiny_run):
 def test_qualitative_cells_are_the_palette_of_truth_and_predictions(finished_tiny_run, tmp_path):
     import torch
 
-    from bismap.qualitative import palette, predict, qualitative_figure
+    from bismap.evaluation.qualitative import palette, predict, qualitative_figure
     from bismap.training.checkpoint import load_model
 
     results = seed_results(finished_tiny_run[0] / "results")
@@ -83,7 +83,7 @@ def test_qualitative_cells_are_the_palette_of_truth_and_predictions(finished_tin
 
 def test_cityscapes_classes_get_their_official_colours():
     from bismap.data.real_datasets import CITYSCAPES_CLASS_NAMES
-    from bismap.qualitative import palette
+    from bismap.evaluation.qualitative import palette
 
     colours = palette(list(CITYSCAPES_CLASS_NAMES))
     assert tuple(colours[0]) == (128, 64, 128) and tuple(colours[18]) == (119, 11, 32)  # road, bicycle

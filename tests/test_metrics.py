@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from bismap.metrics import confusion_matrix, intersection_over_union, markdown_table, summarize
+from bismap.evaluation.metrics import confusion_matrix, intersection_over_union, markdown_table, summarize
 
 
 def plain_confusion(prediction: np.ndarray, target: np.ndarray, num_classes: int) -> np.ndarray:

@@ -3,7 +3,7 @@
 from pathlib import Path
 
 from bismap.devices import acquire_devices
-from bismap.evaluation import EvaluateSettings, EvaluationPaths, evaluate_checkpoint
+from bismap.evaluation.evaluate import EvaluateSettings, EvaluationPaths, evaluate_checkpoint
 from bismap.runtime import rule_context
 from bismap.settings import from_dict
 

@@ -1,7 +1,7 @@
 """Rule qualitative_figure: image, truth and each model's prediction for a few target-val images."""
 
 from bismap.devices import acquire_devices
-from bismap.qualitative import qualitative_figure
+from bismap.evaluation.qualitative import qualitative_figure
 from bismap.runtime import rule_context
 
 with rule_context(snakemake.log[0], snakemake.threads):

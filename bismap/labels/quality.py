@@ -47,11 +47,11 @@ from tqdm import tqdm
 
 from bismap.data.loading import Manifest, SegmentationDataset
 from bismap.data.samples import IGNORE_INDEX
+from bismap.evaluation.metrics import intersection_over_union
 from bismap.io import atomic_path, write_json, write_text
 from bismap.labels.gmm import ClassPrototypes, torch_dtype
 from bismap.labels.strategies import (STRATEGIES, THRESHOLD_MODES, assign_cas, assign_confidence, assign_maps,
                                       load_matching_prototypes)
-from bismap.metrics import intersection_over_union
 from bismap.training.checkpoint import load_model
 
 logger = logging.getLogger(__name__)

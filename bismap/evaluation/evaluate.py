@@ -13,8 +13,8 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from bismap.data.loading import Manifest, SegmentationDataset
+from bismap.evaluation.metrics import confusion_matrix, markdown_table, plot_confusion, summarize
 from bismap.io import write_json, write_text
-from bismap.metrics import confusion_matrix, markdown_table, plot_confusion, summarize
 from bismap.training.checkpoint import load_model
 
 logger = logging.getLogger(__name__)
