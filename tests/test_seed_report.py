@@ -1,4 +1,4 @@
-"""The report over run seeds (bismap.seed_report) and the time per stage (bismap.stage_times), on hand-made files."""
+"""The seed report (bismap.report.seeds) and the time per stage (bismap.report.stage_times), on hand-made files."""
 
 from __future__ import annotations
 
@@ -8,15 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from bismap.seed_report import write_seed_summary
-from bismap.stage_times import benchmark_seconds, stage_times
+from bismap.report.seeds import write_seed_summary
+from bismap.report.stage_times import benchmark_seconds, stage_times
 
 COMPONENTS = {"selftrain_bismap": {"maps": True, "stm": True, "consistency": True, "distillation": False}}
 BENCHMARK_HEADER = "s\th:m:s\tmax_rss\tmax_vms\tmax_uss\tmax_pss\tio_in\tio_out\tmean_load\tcpu_time\n"
 
 
 def seed_summary(warmup: float, bismap: float, oracle: float, bismap_classes: dict) -> dict:
-    """A per-seed report/summary.json as bismap.report.write_summary writes it (two classes, a and b)."""
+    """A per-seed report/summary.json as bismap.report.tables.write_summary writes it (two classes, a and b)."""
     def row(miou, classes, components=None):
         gain = miou - warmup
         return {"miou": miou, "per_class_iou": classes, "gain_over_warmup": gain,

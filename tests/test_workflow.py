@@ -10,7 +10,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from bismap.stage_times import benchmark_seconds
+from bismap.report.stage_times import benchmark_seconds
 from tests.conftest import planned_jobs, run_snakemake, seed_results, tiny_config, write_config
 
 # STM (rules/stm.smk): all downstream of the warmup, whose encoder stands in for E-hat in the tiny config

@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from bismap.report import write_summary
+from bismap.report.tables import write_summary
 from bismap.runtime import rule_context
 
 with rule_context(snakemake.log[0], snakemake.threads):

@@ -1,7 +1,7 @@
 """Rule report_seeds: every model row as mean ± std over the run seeds, and the time per stage."""
 
+from bismap.report.seeds import write_seed_summary
 from bismap.runtime import rule_context
-from bismap.seed_report import write_seed_summary
 
 with rule_context(snakemake.log[0], snakemake.threads):
     write_seed_summary(

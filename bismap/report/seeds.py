@@ -1,15 +1,15 @@
 """The report over run seeds (rule report_seeds): every model row as mean ± std, and the time per stage.
 
-Each run seed has its own report (:func:`bismap.report.write_summary`,
+Each run seed has its own report (:func:`bismap.report.tables.write_summary`,
 ``seed_<seed>/report/summary.json``) with, per model, mIoU, the gain over that
 seed's warmup, the share of that seed's warmup-to-oracle gap closed, and
 per-class IoU. Here each of these becomes the mean and the sample standard
-deviation (ddof = 1) over the seeds (:mod:`bismap.spread`: with one seed the std
+deviation (ddof = 1) over the seeds (:mod:`bismap.report.spread`: with one seed the std
 is undefined, null in JSON and "—" in Markdown). Gains and gap shares are
 averaged per seed, not recomputed from the mean mIoUs. The component columns
 (MAPs, STM, consistency, distillation) are those of the per-seed reports.
 
-The time per stage (:mod:`bismap.stage_times`) comes from Snakemake's benchmark
+The time per stage (:mod:`bismap.report.stage_times`) comes from Snakemake's benchmark
 file of every job of every seed.
 """
 
@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from bismap.io import read_json, write_json, write_text
-from bismap.report import COMPONENTS
-from bismap.spread import format_stat, mean_std
-from bismap.stage_times import stage_table, stage_times
+from bismap.report.spread import format_stat, mean_std
+from bismap.report.stage_times import stage_table, stage_times
+from bismap.report.tables import COMPONENTS
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +73,8 @@ def write_seed_summary(summary_paths: Mapping[int, str | Path], benchmarks: Mapp
                        markdown_path: str | Path, json_path: str | Path) -> dict[str, Any]:
     """Write the Markdown and JSON report over the seeds of ``summary_paths`` (seed -> per-seed summary.json).
 
-    ``benchmarks``: per seed, per rule, the benchmark files of its jobs (:func:`bismap.stage_times.stage_times`).
+    ``benchmarks``: per seed, per rule, the benchmark files of its jobs
+    (:func:`bismap.report.stage_times.stage_times`).
     """
     summaries = {seed: read_json(path) for seed, path in summary_paths.items()}
     rows = aggregate_models(summaries, models)

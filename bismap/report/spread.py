@@ -1,4 +1,4 @@
-"""Mean ± sample standard deviation over run seeds, as the seed report (bismap.seed_report) shows them.
+"""Mean ± sample standard deviation over run seeds, as the seed report (bismap.report.seeds) shows them.
 
 The standard deviation is the sample one (ddof = 1). With a single defined value
 (one seed, or one seed where a figure exists) it is undefined: ``None`` in JSON,

@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from bismap.spread import format_stat, mean_std
+from bismap.report.spread import format_stat, mean_std
 
 
 def benchmark_seconds(path: str | Path) -> float:
@@ -31,7 +31,7 @@ def stage_times(benchmarks: Mapping[Any, Mapping[str, Sequence[str | Path]]]) ->
     """``{seed: {rule: [benchmark files of its jobs]}}`` -> seconds per rule and seed, and their mean ± std.
 
     Returns ``{"per_seed": {seed: {rule: s}}, "stages": {rule: {"jobs", "seconds"}}, "total": stat}``
-    where ``seconds`` and ``total`` are :func:`bismap.spread.mean_std` over the seeds.
+    where ``seconds`` and ``total`` are :func:`bismap.report.spread.mean_std` over the seeds.
     """
     per_seed = {seed: {rule: sum(benchmark_seconds(path) for path in paths) for rule, paths in rules.items()}
                 for seed, rules in benchmarks.items()}
