@@ -1,9 +1,13 @@
-"""What every workflow script does around its one library call: log to the rule's log, set threads."""
+"""What every workflow script does around its one library call (log to the rule's log, set threads), and the
+machine facts the workflow reads while it is parsed."""
 
 from __future__ import annotations
 
 import contextlib
+import glob
+import itertools
 import logging
+import os
 import sys
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -35,3 +39,15 @@ def optional_input(inputs: Mapping[str, str], name: str) -> Path | None:
     """A named input a rule declares only in some configurations (GPA statistics, weights), or None."""
     value = inputs.get(name)
     return Path(value) if value else None
+
+
+def local_cuda_devices() -> int:
+    """CUDA devices of this machine: ``CUDA_VISIBLE_DEVICES`` if set (up to a negative id), else ``/dev/nvidia<N>``.
+
+    A file check, not ``torch.cuda``: parsing the workflow should not pay torch's import.
+    """
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        ids = [device.strip() for device in visible.split(",") if device.strip()]
+        return len(list(itertools.takewhile(lambda device: not device.startswith("-"), ids)))
+    return len(glob.glob("/dev/nvidia[0-9]*"))

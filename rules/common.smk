@@ -1,12 +1,14 @@
 # Config validation, path helpers and the params every rule shares.
 
 import os
+import re
 from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
 import bismap
+from bismap.runtime import local_cuda_devices
 from bismap.settings import with_run_seed  # run seed -> every stage's seeds (digit-scenes splits: stride 1000)
 
 validate(config, schema="../config/schema.yaml")
@@ -14,6 +16,21 @@ validate(config, schema="../config/schema.yaml")
 DOMAINS = ["source", "target_train", "target_val"]
 CODE_VERSION = bismap.CODE_VERSION
 CONDA_ENV = "../envs/bismap.yaml"
+
+
+def gpus_per_job():
+    """What each GPU job asks for (`resources: gpu=`), per config `device`: 1, or 0 where jobs run on the CPU anyway.
+
+    With gpu=1 on a CPU-only machine the default profile's gpu=1 cap would let one
+    job run at a time, leaving the other cores idle; a job given gpu=0 runs on the CPU.
+    """
+    device = config.get("device", "auto")
+    if device == "auto":
+        return 1 if not workflow.local_exec or local_cuda_devices() > 0 else 0
+    return 1 if device == "cuda" else 0
+
+
+GPU_PER_JOB = gpus_per_job()
 
 
 # Every per-run output lives under results/<name>/seed_{seed}/; only the report over
@@ -113,17 +130,30 @@ def oracle_enabled():
 
 def evaluated_models():
     """The report's rows in pipeline order (selftrain_* and distill come from rules/selftrain.smk, distill.smk)."""
-    models = ["warmup"] + [f"selftrain_{name}" for name in selftrain_variants()]
+    models = ["warmup"]
+    for name in selftrain_variants():
+        models += [round_model(name, round_number) for round_number in range(1, variant_rounds(name))]
+        models.append(f"selftrain_{name}")
     models += ["distill"] if distill_enabled() else []
     return models + (["oracle"] if oracle_enabled() else [])
+
+
+def model_checkpoint(model, seed="{seed}"):
+    """The checkpoint of a report row: checkpoints/<model>.pt, or checkpoints/rounds/ for an earlier round."""
+    if re.fullmatch(r"selftrain_[a-z][a-z0-9_]*_round_\d+", model):
+        return run_path("checkpoints", "rounds", f"{model}.pt", seed=seed)
+    return run_path("checkpoints", f"{model}.pt", seed=seed)
 
 
 def model_components():
     """Per report row, the components it uses (BiSMAP Table 4 columns)."""
     components = {}
     for name, variant in selftrain_variants().items():
-        components[f"selftrain_{name}"] = {"maps": variant["maps"], "stm": variant["stm"],
-                                           "consistency": variant["consistency"], "distillation": False}
+        used = {"maps": variant["maps"], "stm": variant["stm"], "consistency": variant["consistency"],
+                "distillation": False}
+        for round_number in range(1, variant_rounds(name)):
+            components[round_model(name, round_number)] = {**used, "rounds": round_number}
+        components[f"selftrain_{name}"] = {**used, "rounds": variant_rounds(name)}
     if distill_enabled():
         components["distill"] = {**components[f"selftrain_{distill_teacher()}"], "distillation": True}
     return components
@@ -294,19 +324,64 @@ def selftrain_run_settings(wildcards):
             if key in selftrain_settings():
                 settings[key] = selftrain_settings()[key]
     settings.update(use_stm=variant["stm"], use_consistency=variant["consistency"], use_pseudo_labels=True)
+    if selftrain_round(wildcards) > 1:  # 'warmup': start from the input checkpoint, here the previous round's
+        settings["init"] = "warmup"
     return with_run_seed(settings, wildcards.seed)
+
+
+def variant_rounds(name):
+    """Self-training rounds of one variant (its `rounds`, default 1)."""
+    return int(selftrain_variant(name).get("rounds", 1))
+
+
+def selftrain_round(wildcards):
+    """Which round a selftrain job trains: its {round} wildcard, or the variant's last round (rule selftrain)."""
+    return int(wildcards.get("round", variant_rounds(wildcards.variant)))
+
+
+def round_model(variant, round_number):
+    """Report/checkpoint name of a round before the variant's last (checkpoints/rounds/<name>.pt)."""
+    return f"selftrain_{variant}_round_{round_number}"
+
+
+def round_label_settings():
+    """PseudoLabelSettings of the labels between rounds: the previous round's confident predictions."""
+    labels = selftrain_settings().get("round_labels", {})
+    return {"strategy": "confidence", "confidence": labels.get("confidence", 0.95),
+            "flip_average": labels.get("flip_average", False), "resolution": labels.get("resolution", "feature")}
+
+
+def round_labels_path(variant, round_number, seed):
+    """Shard folders of round `round_number`'s labels of one variant (the input of the next round)."""
+    folder = run_path("pseudo_labels", "rounds", f"{variant}_round_{round_number}", "shard_{shard}", seed=seed)
+    return expand(folder, shard=maps_shards())
+
+
+def selftrain_initial_inputs(wildcards):
+    """Round 1 starts from the warmup and the variant's labels; round r from round r-1 and its labels."""
+    round_number = selftrain_round(wildcards)
+    if round_number > variant_rounds(wildcards.variant):
+        raise WorkflowError(f"selftrain round {round_number} of variant '{wildcards.variant}', which has "
+                            f"{variant_rounds(wildcards.variant)} round(s)")
+    if round_number > 1:
+        previous = run_path("checkpoints", "rounds", f"{round_model(wildcards.variant, round_number - 1)}.pt",
+                            seed=wildcards.seed)
+        return {"initial": previous, "pseudo_labels": round_labels_path(wildcards.variant, round_number - 1,
+                                                                        wildcards.seed)}
+    labels = variant_pseudo_labels(wildcards.variant)
+    labels_path = run_path("pseudo_labels", labels, "shard_{shard}", seed=wildcards.seed)
+    return {"initial": run_path("checkpoints", "warmup.pt", seed=wildcards.seed),
+            "pseudo_labels": expand(labels_path, shard=maps_shards())}
 
 
 def selftrain_inputs(wildcards):
     variant = selftrain_variant(wildcards.variant)
-    labels = variant_pseudo_labels(wildcards.variant)
-    labels_path = run_path("pseudo_labels", labels, "shard_{shard}", seed=wildcards.seed)
-    inputs = {"pseudo_labels": expand(labels_path, shard=maps_shards())}
+    inputs = selftrain_initial_inputs(wildcards)
     if variant["stm"]:
         if not stm_enabled():
             raise WorkflowError(f"selftrain variant '{wildcards.variant}' uses the STM but stm.enabled is false")
         inputs["transferability"] = stm_weight_directories(wildcards.seed)
-    if selftrain_settings().get("init") == "imagenet":
+    if selftrain_settings().get("init") == "imagenet" and selftrain_round(wildcards) == 1:
         inputs.update(pretrained_inputs(wildcards))
     return inputs
 
@@ -396,6 +471,10 @@ def stage_jobs():
                     source_distance_statistics=stm_shard_names, source_transferability=stm_shard_names,
                     merge_source_transferability=[""])
     jobs["selftrain"] = list(selftrain_variants())
+    earlier_rounds = [f"{variant}_round_{round_number}" for variant in selftrain_variants()
+                      for round_number in range(1, variant_rounds(variant))]
+    jobs["selftrain_round"] = earlier_rounds
+    jobs["round_pseudo_labels"] = [f"{name}_{shard}" for name in earlier_rounds for shard in shards]
     if distill_enabled():
         jobs.update(teacher_pseudo_labels=shards, distill=[""])
     jobs.update(evaluate=evaluated_models(), qualitative_figure=[""], report=[""])

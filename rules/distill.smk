@@ -47,7 +47,7 @@ rule distill:
         code_version=CODE_VERSION,
     threads: config["threads"]["train"]
     resources:
-        gpu=1,
+        gpu=GPU_PER_JOB,
     conda:
         CONDA_ENV
     log:

@@ -3,7 +3,7 @@
 
 rule evaluate:
     input:
-        checkpoint=run_path("checkpoints", "{model}.pt"),
+        checkpoint=lambda wildcards: model_checkpoint(wildcards.model, wildcards.seed),
         manifest=run_path("manifests", "target_val.json"),
     output:
         metrics=run_path("evaluation", "{model}", "metrics.json"),
@@ -13,10 +13,10 @@ rule evaluate:
         settings=config["evaluate"],
         code_version=CODE_VERSION,
     wildcard_constraints:
-        model="[a-z_]+",
+        model="[a-z][a-z0-9_]*",
     threads: config["threads"]["evaluate"]
     resources:
-        gpu=1,
+        gpu=GPU_PER_JOB,
     conda:
         CONDA_ENV
     log:
@@ -30,7 +30,7 @@ rule evaluate:
 # Image, truth and every model's prediction for a few target-val images.
 rule qualitative_figure:
     input:
-        checkpoints=expand(run_path("checkpoints", "{model}.pt"), model=evaluated_models(), allow_missing=True),
+        checkpoints=lambda wildcards: [model_checkpoint(model, wildcards.seed) for model in evaluated_models()],
         manifest=run_path("manifests", "target_val.json"),
     output:
         figure=run_path("report", "qualitative.png"),
@@ -40,7 +40,7 @@ rule qualitative_figure:
         code_version=CODE_VERSION,
     threads: config["threads"]["evaluate"]
     resources:
-        gpu=1,
+        gpu=GPU_PER_JOB,
     conda:
         CONDA_ENV
     log:

@@ -24,7 +24,7 @@ rule extract_source_features:
         code_version=CODE_VERSION,
     threads: config["threads"]["evaluate"]
     resources:
-        gpu=1,
+        gpu=GPU_PER_JOB,
     conda:
         CONDA_ENV
     log:
@@ -106,7 +106,7 @@ rule pseudo_labels:
         shard=r"\d+",
     threads: config["threads"]["evaluate"]
     resources:
-        gpu=1,
+        gpu=GPU_PER_JOB,
     conda:
         CONDA_ENV
     log:
@@ -154,7 +154,7 @@ rule pseudo_label_report:
         code_version=CODE_VERSION,
     threads: config["threads"]["evaluate"]
     resources:
-        gpu=1,
+        gpu=GPU_PER_JOB,
     conda:
         CONDA_ENV
     log:

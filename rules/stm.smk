@@ -25,7 +25,7 @@ rule extract_target_embeddings:
         code_version=CODE_VERSION,
     threads: config["threads"]["evaluate"]
     resources:
-        gpu=1,
+        gpu=GPU_PER_JOB,
     conda:
         CONDA_ENV
     log:
@@ -47,7 +47,7 @@ rule target_prototypes:
         code_version=CODE_VERSION,
     threads: config["threads"]["evaluate"]
     resources:
-        gpu=1 if stm_settings().get("kmeans_gpu", False) else 0,
+        gpu=GPU_PER_JOB if stm_settings().get("kmeans_gpu", False) else 0,
     conda:
         CONDA_ENV
     log:
@@ -69,7 +69,7 @@ rule class_entropy:
         code_version=CODE_VERSION,
     threads: config["threads"]["evaluate"]
     resources:
-        gpu=1,
+        gpu=GPU_PER_JOB,
     conda:
         CONDA_ENV
     log:
@@ -99,7 +99,7 @@ rule source_distance_statistics:
         shard=r"\d+",
     threads: config["threads"]["evaluate"]
     resources:
-        gpu=1,
+        gpu=GPU_PER_JOB,
     conda:
         CONDA_ENV
     log:
@@ -133,7 +133,7 @@ rule source_transferability:
         shard=r"\d+",
     threads: config["threads"]["evaluate"]
     resources:
-        gpu=1,
+        gpu=GPU_PER_JOB,
     conda:
         CONDA_ENV
     log:

@@ -24,7 +24,7 @@ rule warmup:
         code_version=CODE_VERSION,
     threads: config["threads"]["train"]
     resources:
-        gpu=1,
+        gpu=GPU_PER_JOB,
     conda:
         CONDA_ENV
     log:

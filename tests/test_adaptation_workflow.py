@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -17,7 +18,8 @@ VARIANTS = ["baseline", "stm", "stm_maps", "bismap"]
 def test_every_stage_writes_its_checkpoint_and_the_report_has_one_row_each(finished_tiny_run):
     workdir, _ = finished_tiny_run
     results = seed_results(workdir / "results")
-    models = ["warmup", *(f"selftrain_{name}" for name in VARIANTS), "distill", "oracle"]
+    models = ["warmup", *(f"selftrain_{name}" for name in VARIANTS[:-1]), "selftrain_bismap_round_1",
+              "selftrain_bismap", "distill", "oracle"]
     summary = json.loads((results / "report" / "summary.json").read_text())
     assert [key for key in summary if key != "gap_warmup_to_oracle"] == models
     gap = summary["oracle"]["miou"] - summary["warmup"]["miou"]
@@ -28,10 +30,11 @@ def test_every_stage_writes_its_checkpoint_and_the_report_has_one_row_each(finis
         if gap:
             assert summary[model]["gap_closed_percent"] == pytest.approx(100 * summary[model]["gain_over_warmup"] / gap)
     assert summary["selftrain_stm"]["components"] == {"maps": False, "stm": True, "consistency": False,
-                                                      "distillation": False}
-    assert summary["distill"]["components"] == {"maps": True, "stm": True, "consistency": True, "distillation": True}
+                                                      "distillation": False, "rounds": 1}
+    assert summary["distill"]["components"] == {"maps": True, "stm": True, "consistency": True, "distillation": True,
+                                                "rounds": 2}
     markdown = (results / "report" / "summary.md").read_text()
-    assert sum(line.startswith("| selftrain_") for line in markdown.splitlines()) == 2 * len(VARIANTS)
+    assert sum(line.startswith("| selftrain_") for line in markdown.splitlines()) == 2 * (len(VARIANTS) + 1)
 
 
 def test_loss_logs_carry_each_variants_terms(finished_tiny_run):
@@ -54,9 +57,29 @@ def test_teacher_labels_keep_only_confident_pixels(finished_tiny_run):
     assert summary["images"] == 12 and summary["pl_ratio"] == pytest.approx(float((labels != 255).mean()))
 
 
+def test_the_second_round_starts_from_the_first_and_learns_its_labels(finished_tiny_run, tmp_path):
+    """bismap has rounds: 2 in the default config: round 1 -> its confident labels -> round 2 (the variant)."""
+    workdir, configfile = finished_tiny_run
+    results = seed_results(workdir / "results")
+    labels = np.stack([np.array(Image.open(path))
+                       for path in sorted(results.glob("pseudo_labels/rounds/bismap_round_1/shard_*/*.png"))])
+    assert labels.shape == (12, 32, 32) and set(np.unique(labels)) <= set(range(11)) | {255}
+    summary = json.loads((results / "report" / "summary.json").read_text())
+    assert summary["selftrain_bismap_round_1"]["components"]["rounds"] == 1
+    assert summary["selftrain_bismap"]["components"]["rounds"] == 2
+    output = run_snakemake(workdir, configfile, "-n", "--forcerun", "selftrain_round").stdout
+    assert planned_jobs(output) == {"selftrain_round": 1, "round_pseudo_labels": 2, "selftrain": 1,
+                                    "teacher_pseudo_labels": 2, "merge_pseudo_labels": 1, "distill": 1, "evaluate": 3,
+                                    "qualitative_figure": 1, "report": 1, "report_seeds": 1, "all": 1}
+    block = re.search(r"^rule selftrain:\n((?:    .*\n)+)", output, flags=re.MULTILINE).group(1)
+    inputs = block.split("\n")[0]
+    assert "checkpoints/rounds/selftrain_bismap_round_1.pt" in inputs and "warmup.pt" not in inputs
+    assert "pseudo_labels/rounds/bismap_round_1/shard_0" in inputs and "pseudo_labels/maps" not in inputs
+
+
 def test_qualitative_figure_has_a_column_per_model(finished_tiny_run):
     figure = Image.open(seed_results(finished_tiny_run[0] / "results") / "report" / "qualitative.png")
-    columns, rows = 2 + 1 + len(VARIANTS) + 1 + 1, 2  # image, truth, warmup, variants, distill, oracle
+    columns, rows = 2 + 1 + len(VARIANTS) + 1 + 1 + 1, 2  # image, truth, warmup, variants + a round, distill, oracle
     assert figure.width / figure.height == pytest.approx(columns / rows, rel=0.25)
 
 
@@ -99,8 +122,8 @@ def edited_plan(finished_tiny_run, tmp_path, edit) -> dict[str, int]:
 def test_editing_lambda_reruns_the_consistency_variant_distillation_and_report_only(finished_tiny_run, tmp_path):
     jobs = edited_plan(finished_tiny_run, tmp_path,
                        lambda config: config["selftrain"].update(consistency_weight=7.5))
-    assert jobs == {"selftrain": 1, "teacher_pseudo_labels": 2, "merge_pseudo_labels": 1, "distill": 1,
-                    "evaluate": 2, "qualitative_figure": 1, "report": 1, "report_seeds": 1, "all": 1}
+    assert jobs == {"selftrain": 1, "selftrain_round": 1, "round_pseudo_labels": 2, "teacher_pseudo_labels": 2,
+                    "merge_pseudo_labels": 1, "distill": 1, "evaluate": 3, "qualitative_figure": 1, "report": 1, "report_seeds": 1, "all": 1}
 
 
 def test_adding_a_variant_runs_only_that_variant(finished_tiny_run, tmp_path):

@@ -41,9 +41,9 @@ def test_workflow_part_plans_one_pass_through_every_gpu_rule(tmp_path):
         sys.path.remove(str(REPO / "benchmarks"))
     configfile = write_config(tmp_path / "tiny.yaml", workflow_config(tmp_path / "results"))
     jobs = planned_jobs(run_snakemake(tmp_path, configfile, "-n", "--resources", "gpu=1").stdout)
-    gpu_rules = {"warmup": 1, "evaluate": 2, "extract_source_features": 1, "pseudo_labels": 1,
+    gpu_rules = {"warmup": 1, "evaluate": 3, "extract_source_features": 1, "pseudo_labels": 1,
                  "extract_target_embeddings": 1, "target_prototypes": 1, "class_entropy": 1,
                  "source_distance_statistics": 1, "source_transferability": 1, "selftrain": 1,
-                 "qualitative_figure": 1}
+                 "selftrain_round": 1, "round_pseudo_labels": 1, "qualitative_figure": 1}
     assert {rule: count for rule, count in jobs.items() if rule in gpu_rules} == gpu_rules
-    assert "oracle" not in jobs and "distill" not in jobs and sum(jobs.values()) == 26  # one job per fan-out (shards, gmm_jobs = 1)
+    assert "oracle" not in jobs and "distill" not in jobs and sum(jobs.values()) == 29  # one job per fan-out (shards, gmm_jobs = 1)

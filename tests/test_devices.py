@@ -219,3 +219,12 @@ def test_gpu_ids_without_a_working_cuda_run_on_cpu(monkeypatch: pytest.MonkeyPat
     with acquire_devices(1, lock_dir=tmp_path) as device:
         assert device == torch.device("cpu")
     assert not list(tmp_path.iterdir())  # no slot was locked
+
+
+@pytest.mark.parametrize(("visible", "count"), [("", 0), ("0,1", 2), ("-1", 0), ("0,-1,2", 1), (" 1 , 2", 2)])
+def test_local_cuda_devices_follow_cuda_visible_devices(visible, count, monkeypatch):
+    """What the workflow counts at parse time, without torch: the ids before the first negative one."""
+    from bismap.runtime import local_cuda_devices
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    assert local_cuda_devices() == count

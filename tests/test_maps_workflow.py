@@ -22,8 +22,8 @@ TARGET_IMAGES = 12  # tiny_config's target_train count
 # the MAPs labels and their report, then the two self-training variants with MAPs (stm_maps, bismap), the
 # teacher labels (merged with the MAPs ones: 2 merges) and the distillation, their evaluations and the report
 DOWNSTREAM_OF_PROTOTYPES = {"merge_class_gmms": 1, "pseudo_labels": 2, "merge_pseudo_labels": 2,
-                            "pseudo_label_report": 1, "selftrain": 2, "teacher_pseudo_labels": 2, "distill": 1,
-                            "evaluate": 3, "qualitative_figure": 1, "report": 1, "report_seeds": 1, "all": 1}
+                            "pseudo_label_report": 1, "selftrain": 2, "selftrain_round": 1, "round_pseudo_labels": 2,
+                            "teacher_pseudo_labels": 2, "distill": 1, "evaluate": 4, "qualitative_figure": 1, "report": 1, "report_seeds": 1, "all": 1}
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -90,8 +90,8 @@ def test_editing_shard_count_relabels_but_keeps_prototypes_and_report(finished_t
     config["maps"]["shards"] = 3
     jobs = planned_jobs(run_snakemake(workdir, write_config(tmp_path / "edited.yaml", config), "-n").stdout)
     # MAPs and baseline labels on 3 shards, every variant (its label folders changed), the teacher's labels
-    assert jobs == {"pseudo_labels": 6, "merge_pseudo_labels": 3, "selftrain": 4, "teacher_pseudo_labels": 3,
-                    "distill": 1, "evaluate": 5, "qualitative_figure": 1, "report": 1, "report_seeds": 1, "all": 1}
+    assert jobs == {"pseudo_labels": 6, "merge_pseudo_labels": 3, "selftrain": 4, "selftrain_round": 1,
+                    "round_pseudo_labels": 3, "teacher_pseudo_labels": 3, "distill": 1, "evaluate": 6, "qualitative_figure": 1, "report": 1, "report_seeds": 1, "all": 1}
 
 
 def test_two_shard_workflow_labels_equal_one_shard_labels(finished_tiny_run, tmp_path):

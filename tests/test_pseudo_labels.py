@@ -168,3 +168,19 @@ def test_sharded_and_unsharded_labels_are_byte_identical(tmp_path, labelling_inp
     assert whole["labelled_per_class"] == np.bincount(labels[labels != 255], minlength=11).tolist()
     assert 0.05 < whole["pl_ratio"] < 0.99 and set(np.unique(labels)) <= set(range(11)) | {255}
     assert np.array_equal(labels, labels[:, ::4, ::4].repeat(4, 1).repeat(4, 2))  # constant per 4x4 cell
+
+
+def test_image_resolution_labels_follow_the_bilinear_logits_between_cells():
+    """Two feature cells (class 0 | class 1, logit margins +-8) over 8 image pixels: nearest labels give 4 | 4;
+    bilinear logits fall to a margin of 2 (softmax 0.88 < 0.95) on the two pixels next to the cell border."""
+    from bismap.labels.strategies import image_labels
+
+    logits = torch.tensor([[[4.0, -4.0]], [[-4.0, 4.0]]])  # (K=2, h=1, w=2)
+    features = torch.zeros(1, 1, 2)  # (D=1, h, w): unused by the confidence strategy
+    settings = {"strategy": "confidence", "confidence": 0.95}
+    feature = image_labels(logits, features, (1, 8), PseudoLabelSettings(**settings), None, None)
+    image = image_labels(logits, features, (1, 8), PseudoLabelSettings(**settings, resolution="image"), None, None)
+    assert feature[0].tolist() == [0, 0, 0, 0, 1, 1, 1, 1]
+    assert image[0].tolist() == [0, 0, 0, 255, 255, 1, 1, 1]
+    with pytest.raises(ValueError, match="resolution"):
+        PseudoLabelSettings(resolution="pixel")

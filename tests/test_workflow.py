@@ -20,13 +20,14 @@ STM_STAGES = {"extract_target_embeddings": 1, "target_prototypes": 1, "class_ent
 # labels, 2 shards each; merges of maps, baseline, teacher
 MAPS_STAGES = {"extract_source_features": 1, "fit_class_gmm": 2, "merge_class_gmms": 1, "pseudo_labels": 4,
                "merge_pseudo_labels": 3, "pseudo_label_report": 1}
-# Self-training (4 variants), distillation and the reports of the seed and over the seeds: 6 evaluations
-# (warmup, 4 variants, distill)
-ADAPTATION_STAGES = {"selftrain": 4, "teacher_pseudo_labels": 2, "distill": 1, "evaluate": 6,
-                     "qualitative_figure": 1, "report": 1, "report_seeds": 1}
+# Self-training (4 variants; bismap in 2 rounds, the first labelling target-train in 2 shards for the second),
+# distillation and the reports of the seed and over the seeds: 7 evaluations (warmup, 4 variants, bismap's
+# first round, distill)
+ADAPTATION_STAGES = {"selftrain": 4, "selftrain_round": 1, "round_pseudo_labels": 2, "teacher_pseudo_labels": 2,
+                     "distill": 1, "evaluate": 7, "qualitative_figure": 1, "report": 1, "report_seeds": 1}
 # Every job of one run seed of the tiny config
 ONE_SEED = {"make_digit_scenes": 3, "index_dataset": 3, "warmup": 1, "oracle": 1, **MAPS_STAGES, **STM_STAGES,
-            **ADAPTATION_STAGES, "evaluate": 7}
+            **ADAPTATION_STAGES, "evaluate": 8}
 
 
 def test_end_to_end_writes_metrics_and_report(finished_tiny_run):
@@ -129,7 +130,7 @@ def test_report_over_one_seed_and_a_benchmark_for_every_job(finished_tiny_run):
                                                      (seed_results(results) / "benchmarks").glob("evaluate_*.tsv")))
     assert 0 < per_seed["warmup"] < 600
     markdown = (results / "report" / "summary.md").read_text()
-    assert "## Time per stage" in markdown and "| selftrain_bismap | ✓ | ✓ | ✓ |  |" in markdown
+    assert "## Time per stage" in markdown and "| selftrain_bismap | ✓ | ✓ | ✓ | 2 |  |" in markdown
     assert (results / "benchmarks" / "report_seeds.tsv").is_file()
 
 
@@ -163,6 +164,18 @@ def test_a_seed_has_its_own_digit_scenes(tmp_path):
     generate_split(tmp_path / "seed_0", "target_val", 12, 3, parse_settings(config["digit_scenes"]["settings"]))
     assert all(path.read_bytes() != written[path.relative_to(tmp_path / "seed_0")]
                for path in (tmp_path / "seed_0" / "images").glob("*.png"))
+
+
+@pytest.mark.parametrize(("device", "visible", "gpus"), [("auto", "", 0), ("auto", "0,1", 1), ("cpu", "0", 0),
+                                                      ("cuda", "", 1)])
+def test_gpu_rules_ask_for_a_gpu_only_where_jobs_can_get_one(device, visible, gpus, tmp_path, monkeypatch):
+    """On a CPU-only machine a gpu=1 counter (capped at 1 by the default profile) would run one job at a time."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    config = {**tiny_config(tmp_path / "results"), "device": device}
+    output = run_snakemake(tmp_path, write_config(tmp_path / "tiny.yaml", config), "-n").stdout
+    for rule in ("warmup", "evaluate", "selftrain", "pseudo_labels"):
+        block = re.search(rf"^rule {rule}:\n((?:    .*\n)+)", output, flags=re.MULTILINE).group(1)
+        assert re.search(rf"resources: .*\bgpu={gpus}\b", block), (rule, block)
 
 
 def test_unknown_config_key_fails_before_any_job(tmp_path):

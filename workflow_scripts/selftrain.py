@@ -1,4 +1,4 @@
-"""Rule selftrain: one self-training variant (BiSMAP Eqs. 10-13)."""
+"""Rules selftrain and selftrain_round: one round of one self-training variant (BiSMAP Eqs. 10-13)."""
 
 from pathlib import Path
 
@@ -11,7 +11,7 @@ from bismap.training.supervised import RunPaths
 
 with rule_context(snakemake.log[0], snakemake.threads):
     inputs = SelfTrainInputs(
-        warmup_checkpoint=Path(snakemake.input.warmup),
+        initial_checkpoint=Path(snakemake.input.initial),  # the warmup, or the previous round's model
         source_manifest=Path(snakemake.input.source_manifest),
         target_manifest=Path(snakemake.input.target_manifest),
         pseudo_label_dirs=[Path(folder) for folder in snakemake.input.pseudo_labels],

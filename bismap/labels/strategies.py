@@ -49,6 +49,7 @@ logger = logging.getLogger(__name__)
 
 STRATEGIES = ("maps", "cas", "confidence", "confidence_balanced")
 THRESHOLD_MODES = ("absolute", "percentile")
+RESOLUTIONS = ("feature", "image")
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,10 @@ class PseudoLabelSettings:
     confidence: float = 0.9  # confidence: minimum softmax maximum
     fraction: float = 0.5  # confidence_balanced: share kept per predicted class and image
     flip_average: bool = False  # confidence strategies: average the softmax of x and of its mirror (ProDA)
+    # 'feature': label the (h, w) network outputs, then upsample the labels by nearest neighbour (each
+    # label covers a stride x stride block); 'image': upsample logits and features bilinearly to (H, W)
+    # first, as the evaluation does with logits, so a label follows structures thinner than the stride.
+    resolution: str = "feature"
     score_dtype: str = "float32"  # of the GMM and distance scoring
     chunk_rows: int = 65_536
     workers: int = 0
@@ -71,6 +76,8 @@ class PseudoLabelSettings:
         if self.threshold_mode not in THRESHOLD_MODES:
             raise ValueError(f"pseudo_labels.threshold_mode must be one of {THRESHOLD_MODES}, "
                              f"got '{self.threshold_mode}'")
+        if self.resolution not in RESOLUTIONS:
+            raise ValueError(f"pseudo_labels.resolution must be one of {RESOLUTIONS}, got '{self.resolution}'")
         if self.flip_average and not self.strategy.startswith("confidence"):
             raise ValueError(f"pseudo_labels.flip_average needs a confidence strategy, not '{self.strategy}'")
         if not 0.0 <= self.fraction <= 1.0 or not 0.0 <= self.percentile <= 100.0:
@@ -176,7 +183,10 @@ def upsample_labels(labels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor
 def image_labels(logits: torch.Tensor, features: torch.Tensor, size: tuple[int, int], settings: PseudoLabelSettings,
                  prototypes: ClassPrototypes | None, thresholds: torch.Tensor | None) -> np.ndarray:
     """The scoring stage of one image: (K, h, w) logits, (D, h, w) features -> (H, W) uint8 labels, 255 = ignore."""
-    labels = label_map(logits, features, settings, prototypes, thresholds)  # (h, w)
+    if settings.resolution == "image":  # (K, H, W), (D, H, W): memory grows with H x W x D
+        logits, features = (F.interpolate(tensor[None], size=size, mode="bilinear", align_corners=False)[0]
+                            for tensor in (logits, features))
+    labels = label_map(logits, features, settings, prototypes, thresholds)  # (h, w), or (H, W)
     return upsample_labels(labels, size).cpu().numpy()
 
 

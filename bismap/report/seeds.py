@@ -7,7 +7,8 @@ per-class IoU. Here each of these becomes the mean and the sample standard
 deviation (ddof = 1) over the seeds (:mod:`bismap.report.spread`: with one seed the std
 is undefined, null in JSON and "—" in Markdown). Gains and gap shares are
 averaged per seed, not recomputed from the mean mIoUs. The component columns
-(MAPs, STM, consistency, distillation) are those of the per-seed reports.
+(MAPs, STM, consistency, rounds, distillation) are those of the per-seed reports, and
+each row's effect is its mIoU minus the row before it, paired by seed.
 
 The time per stage (:mod:`bismap.report.stage_times`) comes from Snakemake's benchmark
 file of every job of every seed.
@@ -24,7 +25,7 @@ from typing import Any
 from bismap.io import read_json, write_json, write_text
 from bismap.report.spread import format_stat, mean_std
 from bismap.report.stage_times import stage_table, stage_times
-from bismap.report.tables import COMPONENTS
+from bismap.report.tables import COMPONENT_HEADER, COMPONENT_TITLES, COMPONENTS, component_cells
 
 logger = logging.getLogger(__name__)
 
@@ -46,16 +47,36 @@ def aggregate_models(summaries: Mapping[Any, Mapping[str, Any]], models: Sequenc
     return rows
 
 
-def component_table(rows: Mapping[str, Mapping[str, Any]], components: Mapping[str, Mapping[str, bool]]) -> str:
+def component_table(rows: Mapping[str, Mapping[str, Any]], components: Mapping[str, Mapping[str, bool | int]]) -> str:
     """BiSMAP Table 4 with mean ± std cells: components, mIoU, gain over warmup, % of the gap closed."""
-    lines = ["| model | MAPs | STM | consistency | distillation | mIoU | gain | gap closed % |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [COMPONENT_HEADER + " mIoU | gain | gap closed % |", "|---" * (len(COMPONENTS) + 4) + "|"]
     for model, row in rows.items():
-        marks = " | ".join("✓" if components.get(model, {}).get(name) else "" for name in COMPONENTS)
+        marks = component_cells(components.get(model, {}))
         lines.append(f"| {model} | {marks} | {format_stat(row['miou'])} | "
                      f"{format_stat(row['gain_over_warmup'], signed=True)} | "
                      f"{format_stat(row['gap_closed_percent'], signed=True)} |")
     return "\n".join(lines) + "\n"
+
+
+def effect_table(summaries: Mapping[Any, Mapping[str, Any]], models: Sequence[str],
+                 components: Mapping[str, Mapping[str, bool | int]]) -> str:
+    """Each row against the row before it (the oracle aside): what it adds and its mIoU difference, paired by seed."""
+    lines = ["| model | adds | effect (mIoU) |", "|---|---|---|"]
+    compared = [model for model in models if model != "oracle"]
+    for previous, model in zip(compared, compared[1:]):
+        before, after = components.get(previous, {}), components.get(model, {})
+        added = [_change(name, before.get(name), after.get(name)) for name in COMPONENTS
+                 if (before.get(name) or 0) != (after.get(name) or 0)]  # absent = off, 0 rounds
+        differences = [summary[model]["miou"] - summary[previous]["miou"] for summary in summaries.values()]
+        lines.append(f"| {model} | {', '.join(added) or '-'} over {previous} | "
+                     f"{format_stat(mean_std(differences), signed=True)} |")
+    return "\n".join(lines) + "\n"
+
+
+def _change(name: str, before: bool | int | None, after: bool | int | None) -> str:
+    if name == "rounds":
+        return f"rounds {before or 0} → {after or 0}" if before else "self-training"
+    return COMPONENT_TITLES[name] if after else f"no {COMPONENT_TITLES[name]}"
 
 
 def class_table(rows: Mapping[str, Mapping[str, Any]]) -> str:
@@ -69,7 +90,7 @@ def class_table(rows: Mapping[str, Mapping[str, Any]]) -> str:
 
 
 def write_seed_summary(summary_paths: Mapping[int, str | Path], benchmarks: Mapping[int, Mapping[str, Sequence[str]]],
-                       models: Sequence[str], components: Mapping[str, Mapping[str, bool]],
+                       models: Sequence[str], components: Mapping[str, Mapping[str, bool | int]],
                        markdown_path: str | Path, json_path: str | Path) -> dict[str, Any]:
     """Write the Markdown and JSON report over the seeds of ``summary_paths`` (seed -> per-seed summary.json).
 
@@ -89,6 +110,8 @@ def write_seed_summary(summary_paths: Mapping[int, str | Path], benchmarks: Mapp
              + ", ".join(f"[seed {seed}]({_relative(Path(path).with_suffix('.md'), markdown_path)})"
                          for seed, path in summary_paths.items()) + ".\n")
     text += "\n## Components (BiSMAP Table 4)\n\n" + component_table(rows, components)
+    text += ("\n## Effect of each component\n\nEach row minus the row before it, per seed, then mean ± std "
+             "over the seeds.\n\n" + effect_table(summaries, models, components))
     text += "\n## Per-class IoU (BiSMAP Table 1)\n\n" + class_table(rows)
     if gap["mean"] is not None:
         text += f"\nGap between source-only warmup and target oracle: {format_stat(gap)} mIoU points.\n"

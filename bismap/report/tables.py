@@ -23,7 +23,20 @@ from bismap.io import read_json, write_json, write_text
 
 logger = logging.getLogger(__name__)
 
-COMPONENTS = ("maps", "stm", "consistency", "distillation")
+# Component columns in pipeline order, with their titles; "rounds" counts self-training rounds, the others are on/off.
+COMPONENTS = ("maps", "stm", "consistency", "rounds", "distillation")
+COMPONENT_TITLES = {"maps": "MAPs", "stm": "STM", "consistency": "consistency", "rounds": "rounds",
+                    "distillation": "distillation"}
+COMPONENT_HEADER = "| model | " + " | ".join(COMPONENT_TITLES[name] for name in COMPONENTS) + " |"
+
+
+def component_cells(used: Mapping[str, bool | int]) -> str:
+    """One row's component cells: ✓ for each component it uses, and its number of self-training rounds."""
+    cells = []
+    for name in COMPONENTS:
+        value = used.get(name)
+        cells.append((str(value) if name == "rounds" else "✓") if value else "")
+    return " | ".join(cells)
 
 
 def gains(rows: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, float | None]]:
@@ -44,14 +57,12 @@ def _signed(value: float | None) -> str:
     return "-" if value is None else f"{value:+.1f}"
 
 
-def component_table(rows: Mapping[str, Mapping[str, Any]], components: Mapping[str, Mapping[str, bool]],
+def component_table(rows: Mapping[str, Mapping[str, Any]], components: Mapping[str, Mapping[str, bool | int]],
                     model_gains: Mapping[str, Mapping[str, float | None]]) -> str:
     """BiSMAP Table 4: which components each row uses, its mIoU, gain and gap share."""
-    header = "| model | MAPs | STM | consistency | distillation | mIoU | gain | gap closed % |"
-    lines = [header, "|---|---|---|---|---|---|---|---|"]
+    lines = [COMPONENT_HEADER + " mIoU | gain | gap closed % |", "|---" * (len(COMPONENTS) + 4) + "|"]
     for model, metrics in rows.items():
-        used = components.get(model, {})
-        marks = " | ".join("✓" if used.get(name) else "" for name in COMPONENTS)
+        marks = component_cells(components.get(model, {}))
         row_gains = model_gains[model]
         lines.append(f"| {model} | {marks} | {metrics['miou']:.1f} | {_signed(row_gains['gain_over_warmup'])} | "
                      f"{_signed(row_gains['gap_closed_percent'])} |")
@@ -60,7 +71,7 @@ def component_table(rows: Mapping[str, Mapping[str, Any]], components: Mapping[s
 
 def write_summary(metrics_paths: Mapping[str, str | Path], class_names: list[str],
                   markdown_path: str | Path, json_path: str | Path,
-                  components: Mapping[str, Mapping[str, bool]] | None = None,
+                  components: Mapping[str, Mapping[str, bool | int]] | None = None,
                   figure_name: str | None = None) -> dict:
     """Write the Markdown and JSON report; ``components``: per model, which of COMPONENTS it uses."""
     rows = {model: read_json(path) for model, path in metrics_paths.items()}

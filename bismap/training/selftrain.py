@@ -74,7 +74,7 @@ class SelfTrainSettings:
 
 @dataclass(frozen=True)
 class SelfTrainInputs:
-    warmup_checkpoint: Path
+    initial_checkpoint: Path  # the warmup, or the previous round's model (selftrain.rounds)
     source_manifest: Path
     target_manifest: Path
     pseudo_label_dirs: list[Path]  # shard folders of <name>.png
@@ -178,7 +178,7 @@ def _upsample(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 def _initial_model(inputs: SelfTrainInputs, settings: SelfTrainSettings,
                    device: torch.device) -> tuple[torch.nn.Module, ModelSettings, list[str]]:
-    model, checkpoint = load_model(inputs.warmup_checkpoint, device)
+    model, checkpoint = load_model(inputs.initial_checkpoint, device)
     model_settings = model.settings
     if settings.init == "imagenet":
         model = build_model(model_settings, len(checkpoint["class_names"]), inputs.imagenet_weights).to(device)
