@@ -139,6 +139,21 @@ def test_distillation_logs_eq_12_terms_and_starts_from_the_warmup(data, tmp_path
     assert changed and len(changed) < len(warmup)  # trained one step from the warmup (BN counters aside)
 
 
+def test_a_teacher_initialised_student_starts_as_the_teacher(data, tmp_path):
+    """student_init 'teacher' (self-distillation): every weight equals the teacher's, none the warmup's head."""
+    from bismap.training.distill import make_student
+
+    folder = data["folder"]
+    train(data, tmp_path / "teacher")
+    inputs = DistillInputs(tmp_path / "teacher" / "model.pt", folder / "warmup.pt", folder / "source.json",
+                           folder / "target_train.json", data["labels"])
+    student = make_student(inputs, DistillSettings(training=TRAINING, student_init="teacher"), torch.device("cpu"))
+    teacher = load_model(tmp_path / "teacher" / "model.pt")[0].state_dict()
+    warmup = load_model(folder / "warmup.pt")[0].state_dict()
+    assert all(torch.equal(value, teacher[key]) for key, value in student.state_dict().items())
+    assert any(not torch.equal(teacher[key], warmup[key]) for key in teacher if teacher[key].is_floating_point())
+
+
 def test_student_takes_a_self_supervised_backbone_in_any_accepted_layout(data, tmp_path):
     from bismap.models import build_model
     from bismap.stm.embeddings import CheckpointLayoutError

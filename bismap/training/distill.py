@@ -45,14 +45,16 @@ from bismap.training.supervised import RunPaths, TrainSettings, seed_everything
 
 logger = logging.getLogger(__name__)
 
-STUDENT_INITS = ("pretrained", "warmup")
+STUDENT_INITS = ("pretrained", "warmup", "teacher")
 
 
 @dataclass(frozen=True)
 class DistillSettings:
     training: TrainSettings
     kl_weight: float = 1.0  # beta of ProDA Eq. 12
-    student_init: str = "pretrained"  # 'pretrained': student_checkpoint, else the warmup's own init
+    # 'pretrained': student_checkpoint, else the warmup's own init; 'warmup': the warmup model; 'teacher': a copy
+    # of the teacher (self-distillation, where no self-supervised network exists)
+    student_init: str = "pretrained"
 
     def __post_init__(self) -> None:
         if self.student_init not in STUDENT_INITS:
@@ -116,6 +118,9 @@ def _ce(logits: torch.Tensor, labels: torch.Tensor, context: DistributedContext)
 
 def make_student(inputs: DistillInputs, settings: DistillSettings, device: torch.device) -> torch.nn.Module:
     """The student network (same architecture as the teacher), initialised per ``student_init``."""
+    if settings.student_init == "teacher":
+        logger.info("student initialised as a copy of the teacher %s", inputs.teacher_checkpoint)
+        return load_model(inputs.teacher_checkpoint, device)[0]
     warmup, checkpoint = load_model(inputs.warmup_checkpoint, device)
     if settings.student_init == "warmup":
         logger.info("student initialised from the warmup model %s", inputs.warmup_checkpoint)
