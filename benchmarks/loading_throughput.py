@@ -15,7 +15,9 @@ flip, colour jitter 0.3/0.3/0.3/0):
 
 * decode only: reading the image, label and weight PNGs, no tensor work;
 * pipeline / pipeline + weights: the dataset as training builds it, without and
-  with the weight maps (the self-training source domain).
+  with the weight maps (the self-training source domain), each with the
+  decoded-sample cache off (every item decodes its PNGs) and on (filled by an
+  untimed pass first, as after the first epoch of a training run).
 
 ``--train-iterations N`` runs :func:`bismap.training.supervised.train_supervised`
 for N iterations of batch 16 on the split (config/config.yaml's model and
@@ -38,7 +40,8 @@ from PIL import Image
 
 from bismap.data.digit_scenes import generate_split, parse_settings
 from bismap.data.index import index_dataset
-from bismap.data.loading import AugmentSettings, Manifest, SegmentationDataset, train_augmentation
+from bismap.data.loading import (DEFAULT_CACHE_LIMIT_BYTES, AugmentSettings, Manifest, SegmentationDataset,
+                                 train_augmentation)
 from bismap.data.samples import open_image, read_train_id_label
 from bismap.models import ModelSettings
 from bismap.settings import from_dict
@@ -84,18 +87,23 @@ def decode_only(manifest: Manifest, weight_paths: dict[str, Path]) -> Callable[[
     return build
 
 
-def dataset_item(dataset: SegmentationDataset) -> Callable[[int], object]:
+def dataset_item(manifest: Manifest, weight_paths: dict[str, Path] | None, cached: bool) -> Callable[[int], object]:
+    dataset = SegmentationDataset(manifest, train_augmentation(AUGMENT), weight_paths=weight_paths,
+                                  cache_limit_bytes=DEFAULT_CACHE_LIMIT_BYTES if cached else 0)
+    if cached:
+        for index in range(len(dataset)):
+            dataset.decoded(index)  # fill the cache
+        assert len(dataset.cache.entries) == len(dataset), "the split should fit in the cache"
     return lambda position: dataset[(position, 1000 + position)]
 
 
 def loading_rows(manifest_path: Path, weight_paths: dict[str, Path]) -> dict[str, Callable[[int], object]]:
     manifest = Manifest.load(manifest_path)
-    return {
-        "decode only (image, label, weight PNGs)": decode_only(manifest, weight_paths),
-        "pipeline": dataset_item(SegmentationDataset(manifest, train_augmentation(AUGMENT))),
-        "pipeline + weights": dataset_item(SegmentationDataset(manifest, train_augmentation(AUGMENT),
-                                                               weight_paths=weight_paths)),
-    }
+    rows = {"decode only (image, label, weight PNGs)": decode_only(manifest, weight_paths)}
+    for name, weights in (("pipeline", None), ("pipeline + weights", weight_paths)):
+        for cached in (False, True):
+            rows[f"{name}, {'cached' if cached else 'uncached'}"] = dataset_item(manifest, weights, cached)
+    return rows
 
 
 def warmup_iterations_per_second(manifest_path: Path, folder: Path, config: dict, iterations: int) -> float:

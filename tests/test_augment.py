@@ -1,20 +1,22 @@
-"""The training augmentation on plain tensors(bismap.data.augment)."""
+"""The training augmentation on plain tensors and the decoded-sample cache (bismap.data.augment, .loading)."""
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch.utils.data import DataLoader
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
 from bismap.data.augment import AugmentSettings, TrainAugmentation, train_augmentation
 from bismap.data.index import index_dataset
-from bismap.data.loading import IMAGENET_MEAN, IMAGENET_STD, Manifest, SegmentationDataset
+from bismap.data.loading import IMAGENET_MEAN, IMAGENET_STD, DecodedCache, Manifest, SegmentationDataset
 from bismap.data.samples import IGNORE_INDEX, open_image, read_train_id_label
 from bismap.stm.weights import encode_weight_png, read_weight_map
 
@@ -168,6 +170,50 @@ def test_drawn_scale_factors_cover_the_range():
     assert 0.75 - 1e-3 <= factors.min() < 0.76 and 1.24 < factors.max() <= 1.25 + 1e-3
     assert abs(factors.mean() - 1.0) < 0.02  # uniform: mean 1.0, standard error ~0.003
     assert abs((factors < 1.0).mean() - 0.5) < 0.05
+
+
+def test_cached_items_equal_uncached_ones(data):
+    manifest, weight_paths = data
+    settings = AugmentSettings((16, 30), (0.5, 1.5), True, (0.4, 0.4, 0.4, 0.1))
+    cached = SegmentationDataset(manifest, train_augmentation(settings), weight_paths=weight_paths)
+    uncached = SegmentationDataset(manifest, train_augmentation(settings), weight_paths=weight_paths,
+                                   cache_limit_bytes=0)
+    for repeat in range(2):  # the second pass reads only from the cache: nothing wrote into it
+        for index in range(6):
+            first, second = cached[(index, 10 + index)], uncached[(index, 10 + index)]
+            assert all(torch.equal(first[key], second[key]) for key in ("image", "label", "weight"))
+    assert sorted(cached.cache.entries) == list(range(6)) and cached.cache.enabled
+    assert uncached.cache.entries == {} and uncached.cache.enabled is False
+    assert cached.cache.bytes == 6 * HEIGHT * WIDTH * (3 + 1 + 4)  # uint8 image and label, float32 weights
+
+
+def test_cache_in_dataloader_workers_gives_the_same_batches(data):
+    manifest, weight_paths = data
+    settings = AugmentSettings((16, 16), (0.5, 1.5), True, (0.4, 0.4, 0.4, 0.1))
+    items = [[(index % 6, 100 + index) for index in range(start, start + 4)] for start in range(0, 24, 4)]
+
+    def batches(cache_limit_bytes: int, workers: int) -> list[dict[str, torch.Tensor]]:
+        dataset = SegmentationDataset(manifest, train_augmentation(settings), weight_paths=weight_paths,
+                                      cache_limit_bytes=cache_limit_bytes)
+        return list(DataLoader(dataset, batch_sampler=items, num_workers=workers))
+
+    reference = batches(0, 0)
+    for batch, expected in zip(batches(2**20, 2), reference, strict=True):
+        assert all(torch.equal(batch[key], expected[key]) for key in ("image", "label", "weight", "index"))
+
+
+def test_cache_stays_off_for_a_large_dataset_and_pickles_empty():
+    cityscapes_like = DecodedCache(512 * 2**20, 2975)
+    image = np.zeros((1024, 2048, 3), np.uint8)
+    sample = type("Sample", (), {"nbytes": image.nbytes + 1024 * 2048})()  # image + label: 8 MiB
+    cityscapes_like.add(0, sample)
+    assert cityscapes_like.enabled is False and cityscapes_like.entries == {}
+    small = DecodedCache(100, 10)
+    small.add(0, type("Sample", (), {"nbytes": 10})())
+    small.add(1, type("Sample", (), {"nbytes": 95})())  # over the limit once held: not kept
+    assert small.enabled and sorted(small.entries) == [0] and small.bytes == 10
+    copy = pickle.loads(pickle.dumps(small))
+    assert copy.entries == {} and copy.bytes == 0 and copy.enabled
 
 
 def test_an_item_without_seed_draws_from_the_global_generator_without_advancing_it(data):

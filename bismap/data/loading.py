@@ -1,4 +1,4 @@
-"""The segmentation dataset, augmentation and a resumable batch order (manifests: bismap.data.samples).
+"""The segmentation dataset, a cache of decoded samples and a resumable batch order (manifests: bismap.data.samples).
 
 A manifest (JSON, written by the ``index_dataset`` rule) fixes the list of
 samples of one domain; training, evaluation and every later stage read it.
@@ -7,6 +7,7 @@ The training augmentation lives in :mod:`bismap.data.augment` (re-exported here)
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,8 +31,15 @@ from bismap.data.samples import (  # noqa: F401 (Manifest re-exported)
 )
 from bismap.stm.weights import read_weight_map
 
+logger = logging.getLogger(__name__)
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# Decoded samples are kept in memory (per dataset, per process) when all of them fit in this many bytes:
+# the digit scenes (~8 KiB a sample) do, Cityscapes (~8 MiB a sample) does not.
+DEFAULT_CACHE_LIMIT_BYTES = 512 * 2**20
+
+
 @dataclass(frozen=True)
 class Decoded:
     """One sample as read from disk, before any augmentation."""
@@ -43,6 +51,38 @@ class Decoded:
     @property
     def nbytes(self) -> int:
         return self.image.nbytes + self.label.nbytes + (0 if self.weight is None else self.weight.nbytes)
+
+
+class DecodedCache:
+    """Decoded samples of one dataset in this process, kept only if the whole dataset fits in ``limit_bytes``.
+
+    The first sample added decides: its size times ``count`` must fit, else
+    nothing is ever kept (a Cityscapes-scale dataset is never cached). Samples
+    whose sizes vary stop being added once ``limit_bytes`` are held. Each
+    DataLoader worker fills its own copy: a forked worker starts from what the
+    parent held, a pickled (spawned) one starts empty.
+    """
+
+    def __init__(self, limit_bytes: int, count: int) -> None:
+        self.limit_bytes, self.count = limit_bytes, count
+        self.enabled: bool | None = None if limit_bytes > 0 else False  # None: undecided until the first sample
+        self.entries: dict[int, Decoded] = {}
+        self.bytes = 0
+
+    def get(self, index: int) -> Decoded | None:
+        return self.entries.get(index)
+
+    def add(self, index: int, decoded: Decoded) -> None:
+        if self.enabled is None:
+            self.enabled = decoded.nbytes * self.count <= self.limit_bytes
+            logger.debug("decoded-sample cache %s: ~%d bytes for %d samples, limit %d",
+                         "on" if self.enabled else "off", decoded.nbytes * self.count, self.count, self.limit_bytes)
+        if self.enabled and self.bytes + decoded.nbytes <= self.limit_bytes:
+            self.entries[index] = decoded
+            self.bytes += decoded.nbytes
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "entries": {}, "bytes": 0}
 
 
 class SegmentationDataset(Dataset):
@@ -63,13 +103,18 @@ class SegmentationDataset(Dataset):
     PNG) adds a per-pixel ``weight`` (H, W) float32, e.g. the source
     transferability map (BiSMAP Eq. 9), moved by the same augmentation as the
     image and set to 0 where the label is 255.
+
+    Decoded samples (after GPA) are kept in memory when the whole dataset fits
+    in ``cache_limit_bytes`` (see :class:`DecodedCache`; 0 turns it off); the
+    items are the same either way.
     """
 
     def __init__(self, manifest: Manifest, augmentation: TrainAugmentation | None = None, labelled: bool = True,
                  mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD,
                  photometric_statistics: dict[str, Any] | None = None,
                  label_paths: Mapping[str, str | Path] | None = None,
-                 weight_paths: Mapping[str, str | Path] | None = None) -> None:
+                 weight_paths: Mapping[str, str | Path] | None = None,
+                 cache_limit_bytes: int = DEFAULT_CACHE_LIMIT_BYTES) -> None:
         self.manifest = manifest
         self.label_paths, self.weight_paths = label_paths, weight_paths
         for name, paths in (("label", label_paths), ("weight", weight_paths)):
@@ -88,6 +133,7 @@ class SegmentationDataset(Dataset):
         if labelled and any(sample.label is None for sample in manifest.samples):
             missing = next(sample for sample in manifest.samples if sample.label is None)
             raise DatasetError(f"labels required but image {missing.image} has no label file")
+        self.cache = DecodedCache(cache_limit_bytes, len(manifest.samples))
 
     def __len__(self) -> int:
         return len(self.manifest.samples)
@@ -100,7 +146,7 @@ class SegmentationDataset(Dataset):
         weight = None if decoded.weight is None else torch.from_numpy(decoded.weight)  # (H, W) float32
         if self.augmentation is not None:
             image, label, weight = self.augmentation(image, label, weight, _generator(seed))
-        # new tensors from here on: nothing returned shares memory with the decoded arrays
+        # new tensors from here on: nothing returned shares memory with the decoded arrays (nor the cache)
         # F.normalize(F.to_dtype(image, float32, scale=True), mean, std), op for op, with the tensors made once
         pixels = image.to(torch.float32).mul_(1.0 / 255).sub_(self._mean).div_(self._std)  # (3, H, W)
         label = label.long()
@@ -110,8 +156,12 @@ class SegmentationDataset(Dataset):
         return item
 
     def decoded(self, index: int) -> Decoded:
-        """Sample ``index`` as read (and stylized)."""
-        return self._read(self.manifest.samples[index])
+        """Sample ``index`` as read (and stylized), from the cache when it holds it."""
+        decoded = self.cache.get(index)
+        if decoded is None:
+            decoded = self._read(self.manifest.samples[index])
+            self.cache.add(index, decoded)
+        return decoded
 
     def _read(self, sample: Sample) -> Decoded:
         image = open_image(sample.image)  # (H, W, 3) uint8
