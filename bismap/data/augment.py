@@ -67,8 +67,8 @@ class _Span:
 
 
 @dataclass(frozen=True)
-class _Params:
-    """The random draws of one sample."""
+class AugmentParams:
+    """The random draws of one sample (what :meth:`TrainAugmentation.draw` returns)."""
 
     size: tuple[int, int]  # scaled (height, width)
     rows: _Span
@@ -113,7 +113,7 @@ class TrainAugmentation:
             image = _JITTER_KERNELS[kernel](image, factor)  # (3, h, w) uint8
         return image, label, weight
 
-    def draw(self, size: tuple[int, int], generator: torch.Generator) -> _Params:
+    def draw(self, size: tuple[int, int], generator: torch.Generator) -> AugmentParams:
         """All random draws of one sample for an image of ``size`` (height, width), in the former order."""
         low, high = self.settings.scale_range
         scale = low + (high - low) * torch.rand((), generator=generator).item()
@@ -121,7 +121,7 @@ class TrainAugmentation:
         rows = _span(scaled[0], self.settings.crop_size[0], generator)
         columns = _span(scaled[1], self.settings.crop_size[1], generator)
         flip = self.settings.horizontal_flip and bool(torch.rand(1, generator=generator) < 0.5)
-        return _Params(scaled, rows, columns, flip, self._draw_jitter(generator))
+        return AugmentParams(scaled, rows, columns, flip, self._draw_jitter(generator))
 
     def _draw_jitter(self, generator: torch.Generator) -> tuple[tuple[int, float], ...]:
         if self.jitter_ranges is None:
@@ -151,7 +151,7 @@ def _span(length: int, crop: int, generator: torch.Generator) -> _Span:
     return _Span(crop - length - offset, offset)  # the image lands at crop - length - offset
 
 
-def _crop(tensor: torch.Tensor, params: _Params, fill: float) -> torch.Tensor:
+def _crop(tensor: torch.Tensor, params: AugmentParams, fill: float) -> torch.Tensor:
     """(..., h', w') -> (..., h, w): the window of ``params``, padded with ``fill`` where it leaves the image."""
     rows, columns = params.rows, params.columns
     if max(rows.before, rows.after, columns.before, columns.after) > 0:
