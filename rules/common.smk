@@ -292,14 +292,27 @@ def selftrain_enabled():
     return bool(selftrain_settings().get("enabled", False))
 
 
+VARIANT_DEFAULTS = {"method": "bismap", "maps": False, "stm": False, "consistency": False, "rounds": 1}
+
+
 def selftrain_variants():
-    """{name: {maps, stm, consistency}} in the config's order; names must be unique."""
+    """{name: {method, maps, stm, consistency, rounds}} in the config's order; names must be unique."""
     variants = {}
     for variant in selftrain_settings().get("variants", []) if selftrain_enabled() else []:
         if variant["name"] in variants:
             raise WorkflowError(f"selftrain.variants: name '{variant['name']}' is used twice")
-        variants[variant["name"]] = {key: value for key, value in variant.items() if key != "name"}
+        settings = {**VARIANT_DEFAULTS, **{key: value for key, value in variant.items() if key != "name"}}
+        if settings["method"] != "bismap" and (settings["maps"] or settings["stm"] or settings["consistency"]
+                                               or settings["rounds"] != 1):
+            raise WorkflowError(f"selftrain variant '{variant['name']}' (method {settings['method']}): maps, stm, "
+                                "consistency and rounds belong to method bismap")
+        variants[variant["name"]] = settings
     return variants
+
+
+def bismap_variants():
+    """The variants of method bismap: they learn from MAPs or baseline pseudo-label files."""
+    return {name: variant for name, variant in selftrain_variants().items() if variant["method"] == "bismap"}
 
 
 def selftrain_variant(name):
@@ -317,6 +330,10 @@ def variant_pseudo_labels(name):
 def selftrain_run_settings(wildcards):
     """SelfTrainSettings of one variant: only what it uses, so editing lambda reruns consistency variants only."""
     variant = selftrain_variant(wildcards.variant)
+    if variant["method"] == "proda":  # ProdaTrainSettings
+        settings = {key: selftrain_settings()[key] for key in ("training", "proda", "strong_augment")
+                    if key in selftrain_settings()}
+        return with_run_seed(settings, wildcards.seed)
     shared = ("training", "init", "sce_alpha", "sce_beta")
     settings = {key: selftrain_settings()[key] for key in shared if key in selftrain_settings()}
     if variant["consistency"]:
@@ -368,10 +385,12 @@ def selftrain_initial_inputs(wildcards):
                             seed=wildcards.seed)
         return {"initial": previous, "pseudo_labels": round_labels_path(wildcards.variant, round_number - 1,
                                                                         wildcards.seed)}
+    warmup = run_path("checkpoints", "warmup.pt", seed=wildcards.seed)
+    if selftrain_variant(wildcards.variant)["method"] != "bismap":  # makes its labels while it trains
+        return {"initial": warmup}
     labels = variant_pseudo_labels(wildcards.variant)
     labels_path = run_path("pseudo_labels", labels, "shard_{shard}", seed=wildcards.seed)
-    return {"initial": run_path("checkpoints", "warmup.pt", seed=wildcards.seed),
-            "pseudo_labels": expand(labels_path, shard=maps_shards())}
+    return {"initial": warmup, "pseudo_labels": expand(labels_path, shard=maps_shards())}
 
 
 def selftrain_inputs(wildcards):
@@ -432,11 +451,11 @@ def distill_run_settings(wildcards):
 
 def maps_labels_needed():
     """The MAPs pseudo-label shards are in the DAG: maps.enabled, or a variant learns from them."""
-    return maps_enabled() or any(variant["maps"] for variant in selftrain_variants().values())
+    return maps_enabled() or any(variant["maps"] for variant in bismap_variants().values())
 
 
 def baseline_labels_needed():
-    return any(not variant["maps"] for variant in selftrain_variants().values())
+    return any(not variant["maps"] for variant in bismap_variants().values())
 
 
 def prototypes_needed():

@@ -23,6 +23,7 @@ rule selftrain:
         checkpoint=run_path("checkpoints", "selftrain_{variant}.pt"),
         loss_log=run_path("training", "selftrain_{variant}_loss.tsv"),
     params:
+        method=lambda wildcards: selftrain_variant(wildcards.variant)["method"],
         settings=selftrain_run_settings,
         model=config["model"],
         state=run_path(".state", "selftrain_{variant}.pt"),
@@ -48,6 +49,7 @@ use rule selftrain as selftrain_round with:
         checkpoint=run_path("checkpoints", "rounds", "selftrain_{variant}_round_{round}.pt"),
         loss_log=run_path("training", "selftrain_{variant}_round_{round}_loss.tsv"),
     params:
+        method=lambda wildcards: selftrain_variant(wildcards.variant)["method"],
         settings=selftrain_run_settings,
         model=config["model"],
         state=run_path(".state", "selftrain_{variant}_round_{round}.pt"),

@@ -132,6 +132,33 @@ def test_adding_a_variant_runs_only_that_variant(finished_tiny_run, tmp_path):
     assert jobs == {"selftrain": 1, "evaluate": 1, "qualitative_figure": 1, "report": 1, "report_seeds": 1, "all": 1}
 
 
+def test_a_proda_variant_trains_from_the_warmup_alone_and_gets_a_report_row(finished_tiny_run, tmp_path):
+    """Method proda makes its labels while it trains: one job on the warmup, no pseudo-label files, then its row."""
+    workdir, configfile = finished_tiny_run
+    config = yaml.safe_load(configfile.read_text())
+    config["selftrain"]["variants"].append({"name": "proda", "method": "proda"})
+    edited = write_config(tmp_path / "proda.yaml", config)
+    output = run_snakemake(workdir, edited, "-n").stdout
+    assert planned_jobs(output) == {"selftrain": 1, "evaluate": 1, "qualitative_figure": 1, "report": 1,
+                                    "report_seeds": 1, "all": 1}
+    inputs = re.search(r"^rule selftrain:\n((?:    .*\n)+)", output, flags=re.MULTILINE).group(1).split("\n")[0]
+    assert "checkpoints/warmup.pt" in inputs and "pseudo_labels" not in inputs and "stm" not in inputs
+    results = seed_results(workdir / "results")
+    run_snakemake(workdir, edited, str(results / "evaluation" / "selftrain_proda" / "metrics.json"))
+    header = (results / "training" / "selftrain_proda_loss.tsv").read_text().splitlines()[0].split("\t")
+    assert header[:6] == ["iteration", "loss", "source_ce", "target_sce", "structure_kl", "regularization"]
+    metrics = json.loads((results / "evaluation" / "selftrain_proda" / "metrics.json").read_text())
+    assert 0.0 <= metrics["miou"] <= 100.0 and metrics["images"] == 12
+
+
+def test_bismap_switches_on_a_proda_variant_fail_naming_it(finished_tiny_run, tmp_path):
+    workdir, configfile = finished_tiny_run
+    config = yaml.safe_load(configfile.read_text())
+    config["selftrain"]["variants"].append({"name": "proda", "method": "proda", "stm": True})
+    result = run_snakemake(workdir, write_config(tmp_path / "bad.yaml", config), "-n", check=False)
+    assert result.returncode != 0 and "variant 'proda' (method proda)" in result.stdout + result.stderr
+
+
 def test_a_duplicate_variant_name_fails_naming_it(finished_tiny_run, tmp_path):
     workdir, configfile = finished_tiny_run
     config = yaml.safe_load(configfile.read_text())

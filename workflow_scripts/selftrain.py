@@ -1,15 +1,20 @@
-"""Rules selftrain and selftrain_round: one round of one self-training variant (BiSMAP Eqs. 10-13)."""
+"""Rules selftrain and selftrain_round: one round of one self-training variant.
+
+Method bismap: BiSMAP Eqs. 10-13 on pseudo-label files; method proda: ProDA
+stage 1, whose labels are made while it trains.
+"""
 
 from pathlib import Path
 
 from bismap.devices import acquire_devices
 from bismap.runtime import optional_input, rule_context
 from bismap.settings import from_dict
+from bismap.training.proda import ProdaInputs, ProdaTrainSettings, proda_train
 from bismap.training.selftrain import SelfTrainInputs, SelfTrainSettings, self_train
 from bismap.training.supervised import RunPaths
 
 
-with rule_context(snakemake.log[0], snakemake.threads):
+def bismap_variant(settings: dict, name: str) -> tuple:
     inputs = SelfTrainInputs(
         initial_checkpoint=Path(snakemake.input.initial),  # the warmup, or the previous round's model
         source_manifest=Path(snakemake.input.source_manifest),
@@ -19,15 +24,22 @@ with rule_context(snakemake.log[0], snakemake.threads):
         photometric_statistics=optional_input(snakemake.input, "photometric_statistics"),
         imagenet_weights=optional_input(snakemake.input, "imagenet"),
     )
+    return self_train, inputs, from_dict(SelfTrainSettings, settings, f"selftrain ({name})")
+
+
+def proda_variant(settings: dict, name: str) -> tuple:
+    inputs = ProdaInputs(Path(snakemake.input.initial), Path(snakemake.input.source_manifest),
+                         Path(snakemake.input.target_manifest))
+    return proda_train, inputs, from_dict(ProdaTrainSettings, settings, f"selftrain ({name}, proda)")
+
+
+with rule_context(snakemake.log[0], snakemake.threads):
+    make = {"bismap": bismap_variant, "proda": proda_variant}[snakemake.params.method]
+    train, inputs, settings = make(snakemake.params.settings, snakemake.wildcards.variant)
     paths = RunPaths(Path(snakemake.output.checkpoint), Path(snakemake.output.loss_log), Path(snakemake.params.state))
     # resources gpu=N (e.g. --set-resources selftrain:gpu=4): N processes, one per GPU, same global batch
     gpus = int(snakemake.resources.get("gpu", 0))
     with acquire_devices(gpus) as device:
-        self_train(
-            inputs=inputs,
-            paths=paths,
-            settings=from_dict(SelfTrainSettings, snakemake.params.settings, f"selftrain ({snakemake.wildcards.variant})"),
-            device=device,
-            world_size=max(1, gpus),
-            run_settings={"selftrain": snakemake.params.settings, "model": snakemake.params.model},
-        )
+        train(inputs, paths, settings, device,
+              run_settings={"selftrain": snakemake.params.settings, "model": snakemake.params.model},
+              world_size=max(1, gpus))

@@ -129,16 +129,7 @@ class SelfTrainStep:
         return {"loss": loss, **terms}
 
     def _strong_view(self, images: torch.Tensor, iteration: int) -> tuple[torch.Tensor, Geometry]:
-        """phi of this rank's images (b, 3, H, W): drawn for the global batch as one process does, then sliced.
-
-        The generator depends on (seed, iteration) only and draws image after image, so
-        rank r's views are those of images r*b..(r+1)*b-1 of a 1-process run. Every rank
-        augments all B images (the draws are inside ``strong_augment``): small next to the network.
-        """
-        generator = torch.Generator().manual_seed(self.settings.training.seed * 1_000_003 + iteration)
-        strong, geometry = strong_augment(_global_batch(images, self.context), self.settings.strong_augment,
-                                          generator, IMAGENET_MEAN, IMAGENET_STD)  # (B, 3, H, W)
-        return rank_slice(strong, self.context), Geometry(rank_slice(geometry.theta, self.context))
+        return strong_view(images, self.settings.strong_augment, self.settings.training.seed, iteration, self.context)
 
     def _source_loss(self, logits: torch.Tensor, source: Batch) -> torch.Tensor:
         labels = source["label"].to(self.device)  # (b, H, W)
@@ -161,6 +152,20 @@ class SelfTrainStep:
         warped = geometry.warp(self._teacher_probabilities(images))  # (b, K, h, w)
         valid = geometry.valid(tuple(student_logits.shape[-2:]))  # (b, h, w)
         return pixel_mean(kl_divergence_pixels(warped.clamp_min(1e-8).log(), student_logits, valid), self.context)
+
+
+def strong_view(images: torch.Tensor, settings: StrongAugmentSettings, seed: int, iteration: int,
+                context: DistributedContext) -> tuple[torch.Tensor, Geometry]:
+    """phi of this rank's images (b, 3, H, W): drawn for the global batch as one process does, then sliced.
+
+    The generator depends on (seed, iteration) only and draws image after image, so
+    rank r's views are those of images r*b..(r+1)*b-1 of a 1-process run. Every rank
+    augments all B images (the draws are inside ``strong_augment``): small next to the network.
+    """
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + iteration)
+    strong, geometry = strong_augment(_global_batch(images, context), settings, generator,
+                                      IMAGENET_MEAN, IMAGENET_STD)  # (B, 3, H, W)
+    return rank_slice(strong, context), Geometry(rank_slice(geometry.theta, context))
 
 
 def _global_batch(local: torch.Tensor, context: DistributedContext) -> torch.Tensor:
