@@ -341,7 +341,7 @@ def selftrain_run_settings(wildcards):
             if key in selftrain_settings():
                 settings[key] = selftrain_settings()[key]
     settings.update(use_stm=variant["stm"], use_consistency=variant["consistency"], use_pseudo_labels=True)
-    if selftrain_round(wildcards) > 1:  # 'warmup': start from the input checkpoint, here the previous round's
+    if round_number_of(wildcards) > 1:  # 'warmup': start from the input checkpoint, here the previous round's
         settings["init"] = "warmup"
     return with_run_seed(settings, wildcards.seed)
 
@@ -351,7 +351,7 @@ def variant_rounds(name):
     return int(selftrain_variant(name).get("rounds", 1))
 
 
-def selftrain_round(wildcards):
+def round_number_of(wildcards):
     """Which round a selftrain job trains: its {round} wildcard, or the variant's last round (rule selftrain)."""
     return int(wildcards.get("round", variant_rounds(wildcards.variant)))
 
@@ -376,7 +376,7 @@ def round_labels_path(variant, round_number, seed):
 
 def selftrain_initial_inputs(wildcards):
     """Round 1 starts from the warmup and the variant's labels; round r from round r-1 and its labels."""
-    round_number = selftrain_round(wildcards)
+    round_number = round_number_of(wildcards)
     if round_number > variant_rounds(wildcards.variant):
         raise WorkflowError(f"selftrain round {round_number} of variant '{wildcards.variant}', which has "
                             f"{variant_rounds(wildcards.variant)} round(s)")
@@ -400,7 +400,7 @@ def selftrain_inputs(wildcards):
         if not stm_enabled():
             raise WorkflowError(f"selftrain variant '{wildcards.variant}' uses the STM but stm.enabled is false")
         inputs["transferability"] = stm_weight_directories(wildcards.seed)
-    if selftrain_settings().get("init") == "imagenet" and selftrain_round(wildcards) == 1:
+    if selftrain_settings().get("init") == "imagenet" and round_number_of(wildcards) == 1:
         inputs.update(pretrained_inputs(wildcards))
     return inputs
 
