@@ -10,7 +10,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from tests.conftest import planned_jobs, run_snakemake, seed_results, write_config
+from tests.conftest import planned_jobs, run_snakemake, seed_results, tiny_config, write_config
 
 VARIANTS = ["baseline", "stm", "stm_maps", "bismap"]
 
@@ -143,8 +143,20 @@ def test_a_proda_variant_trains_from_the_warmup_alone_and_gets_a_report_row(fini
                                     "report_seeds": 1, "all": 1}
     inputs = re.search(r"^rule selftrain:\n((?:    .*\n)+)", output, flags=re.MULTILINE).group(1).split("\n")[0]
     assert "checkpoints/warmup.pt" in inputs and "pseudo_labels" not in inputs and "stm" not in inputs
-    results = seed_results(workdir / "results")
-    run_snakemake(workdir, edited, str(results / "evaluation" / "selftrain_proda" / "metrics.json"))
+
+
+def test_a_proda_variant_runs_without_maps_or_stm(tmp_path):
+    """Its own run (the shared tiny run stays as it is): data, warmup, the proda job and its evaluation only."""
+    config = tiny_config(tmp_path / "results")
+    config["selftrain"]["variants"] = [{"name": "proda", "method": "proda"}]
+    for stage in ("maps", "pseudo_label_report", "stm", "distill", "oracle"):
+        config[stage]["enabled"] = False
+    results = seed_results(tmp_path / "results")
+    target = results / "evaluation" / "selftrain_proda" / "metrics.json"
+    configfile = write_config(tmp_path / "proda.yaml", config)
+    assert planned_jobs(run_snakemake(tmp_path, configfile, "-n", str(target)).stdout) == {
+        "make_digit_scenes": 3, "index_dataset": 3, "warmup": 1, "selftrain": 1, "evaluate": 1}
+    run_snakemake(tmp_path, configfile, str(target))
     header = (results / "training" / "selftrain_proda_loss.tsv").read_text().splitlines()[0].split("\t")
     assert header[:6] == ["iteration", "loss", "source_ce", "target_sce", "structure_kl", "regularization"]
     metrics = json.loads((results / "evaluation" / "selftrain_proda" / "metrics.json").read_text())
