@@ -190,16 +190,19 @@ def maps_pseudo_label_settings():
 
 
 def pseudo_label_settings(labels):
-    """PseudoLabelSettings of one pseudo-label set: 'maps' or 'baseline' (selftrain.baseline_pseudo_labels)."""
+    """PseudoLabelSettings of one pseudo-label set: 'maps', 'baseline' (selftrain.baseline_pseudo_labels) or
+    'cas' (CAG-UDA's anchor labels, margin selftrain.cag.margin)."""
     if labels == "maps":
         return maps_pseudo_label_settings()
+    if labels == "cas":
+        return {"strategy": "cas", "margin": config.get("selftrain", {}).get("cag", {}).get("margin", 2.5)}
     return {**config.get("selftrain", {}).get("baseline_pseudo_labels", {})}
 
 
 def pseudo_label_inputs(wildcards):
     """The MAPs file for the MAPs labels; the baseline's confidence labels need the warmup only."""
     prototypes = run_path("maps", "prototypes.h5", seed=wildcards.seed)
-    return {"prototypes": prototypes} if wildcards.labels == "maps" else {}
+    return {"prototypes": prototypes} if wildcards.labels in ("maps", "cas") else {}
 
 
 def pseudo_label_report_settings():
@@ -330,10 +333,10 @@ def variant_pseudo_labels(name):
 def selftrain_run_settings(wildcards):
     """SelfTrainSettings of one variant: only what it uses, so editing lambda reruns consistency variants only."""
     variant = selftrain_variant(wildcards.variant)
-    if variant["method"] == "proda":  # ProdaTrainSettings
-        settings = {key: selftrain_settings()[key] for key in ("training", "proda", "strong_augment")
-                    if key in selftrain_settings()}
-        return with_run_seed(settings, wildcards.seed)
+    if variant["method"] != "bismap":  # ProdaTrainSettings, CagTrainSettings
+        keys = {"proda": ("training", "proda", "strong_augment"), "cag": ("training", "cag")}[variant["method"]]
+        return with_run_seed({key: selftrain_settings()[key] for key in keys if key in selftrain_settings()},
+                             wildcards.seed)
     shared = ("training", "init", "sce_alpha", "sce_beta")
     settings = {key: selftrain_settings()[key] for key in shared if key in selftrain_settings()}
     if variant["consistency"]:
@@ -386,8 +389,13 @@ def selftrain_initial_inputs(wildcards):
         return {"initial": previous, "pseudo_labels": round_labels_path(wildcards.variant, round_number - 1,
                                                                         wildcards.seed)}
     warmup = run_path("checkpoints", "warmup.pt", seed=wildcards.seed)
-    if selftrain_variant(wildcards.variant)["method"] != "bismap":  # makes its labels while it trains
+    method = selftrain_variant(wildcards.variant)["method"]
+    if method == "proda":  # makes its labels while it trains
         return {"initial": warmup}
+    if method == "cag":  # the anchor labels, and the anchors (the MAPs file's class centroids)
+        labels_path = run_path("pseudo_labels", "cas", "shard_{shard}", seed=wildcards.seed)
+        return {"initial": warmup, "pseudo_labels": expand(labels_path, shard=maps_shards()),
+                "prototypes": run_path("maps", "prototypes.h5", seed=wildcards.seed)}
     labels = variant_pseudo_labels(wildcards.variant)
     labels_path = run_path("pseudo_labels", labels, "shard_{shard}", seed=wildcards.seed)
     return {"initial": warmup, "pseudo_labels": expand(labels_path, shard=maps_shards())}
@@ -454,6 +462,11 @@ def maps_labels_needed():
     return maps_enabled() or any(variant["maps"] for variant in bismap_variants().values())
 
 
+def cas_labels_needed():
+    """CAG-UDA's anchor labels are in the DAG: a variant of method cag learns from them."""
+    return any(variant["method"] == "cag" for variant in selftrain_variants().values())
+
+
 def baseline_labels_needed():
     return any(not variant["maps"] for variant in bismap_variants().values())
 
@@ -461,7 +474,7 @@ def baseline_labels_needed():
 def prototypes_needed():
     """The MAPs file (features, GMM fits, merge) is in the DAG: for the MAPs labels or the report's maps/cas."""
     report_needs = pseudo_label_report_enabled() and bool({"maps", "cas"} & set(pseudo_label_strategies()))
-    return maps_labels_needed() or report_needs
+    return maps_labels_needed() or cas_labels_needed() or report_needs
 
 
 def stage_jobs():
@@ -474,7 +487,7 @@ def stage_jobs():
     """
     shards = [f"shard_{shard}" for shard in maps_shards()]
     stm_shard_names = [f"shard_{shard}" for shard in stm_shards()]
-    labels = ["maps"] * maps_labels_needed() + ["baseline"] * baseline_labels_needed()
+    labels = ["maps"] * maps_labels_needed() + ["baseline"] * baseline_labels_needed() + ["cas"] * cas_labels_needed()
     jobs = {"make_digit_scenes": [domain for domain in DOMAINS if domain_settings(domain)["format"] == "digit_scenes"],
             "index_dataset": DOMAINS, "gpa_statistics": [""] * gpa_enabled(), "warmup": [""],
             "oracle": [""] * oracle_enabled()}

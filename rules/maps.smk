@@ -102,7 +102,7 @@ rule pseudo_labels:
         shard_count=len(maps_shards()),
         code_version=CODE_VERSION,
     wildcard_constraints:
-        labels="maps|baseline",
+        labels="maps|baseline|cas",
         shard=r"\d+",
     threads: config["threads"]["evaluate"]
     resources:

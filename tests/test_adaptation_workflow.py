@@ -145,22 +145,30 @@ def test_a_proda_variant_trains_from_the_warmup_alone_and_gets_a_report_row(fini
     assert "checkpoints/warmup.pt" in inputs and "pseudo_labels" not in inputs and "stm" not in inputs
 
 
-def test_a_proda_variant_runs_without_maps_or_stm(tmp_path):
-    """Its own run (the shared tiny run stays as it is): data, warmup, the proda job and its evaluation only."""
+def test_proda_and_cag_variants_run_without_maps_labels_or_stm(tmp_path):
+    """Their own run (the shared tiny run stays as it is). ProDA needs the warmup only; CAG-UDA the MAPs file's
+    class centroids (features and GMM jobs) and its anchor labels ('cas', 2 shards), not the MAPs labels."""
     config = tiny_config(tmp_path / "results")
-    config["selftrain"]["variants"] = [{"name": "proda", "method": "proda"}]
+    config["selftrain"]["variants"] = [{"name": "proda", "method": "proda"}, {"name": "cag", "method": "cag"}]
     for stage in ("maps", "pseudo_label_report", "stm", "distill", "oracle"):
         config[stage]["enabled"] = False
     results = seed_results(tmp_path / "results")
-    target = results / "evaluation" / "selftrain_proda" / "metrics.json"
-    configfile = write_config(tmp_path / "proda.yaml", config)
-    assert planned_jobs(run_snakemake(tmp_path, configfile, "-n", str(target)).stdout) == {
-        "make_digit_scenes": 3, "index_dataset": 3, "warmup": 1, "selftrain": 1, "evaluate": 1}
-    run_snakemake(tmp_path, configfile, str(target))
-    header = (results / "training" / "selftrain_proda_loss.tsv").read_text().splitlines()[0].split("\t")
-    assert header[:6] == ["iteration", "loss", "source_ce", "target_sce", "structure_kl", "regularization"]
-    metrics = json.loads((results / "evaluation" / "selftrain_proda" / "metrics.json").read_text())
-    assert 0.0 <= metrics["miou"] <= 100.0 and metrics["images"] == 12
+    targets = [str(results / "evaluation" / f"selftrain_{name}" / "metrics.json") for name in ("proda", "cag")]
+    configfile = write_config(tmp_path / "family.yaml", config)
+    output = run_snakemake(tmp_path, configfile, "-n", *targets).stdout
+    assert planned_jobs(output) == {"make_digit_scenes": 3, "index_dataset": 3, "warmup": 1,
+                                    "extract_source_features": 1, "fit_class_gmm": 2, "merge_class_gmms": 1,
+                                    "pseudo_labels": 2, "selftrain": 2, "evaluate": 2}
+    assert re.search(r"wildcards: seed=0, labels=cas, shard=1", output)
+    run_snakemake(tmp_path, configfile, *targets)
+    headers = {name: (results / "training" / f"selftrain_{name}_loss.tsv").read_text().splitlines()[0].split("\t")
+               for name in ("proda", "cag")}
+    assert headers["proda"][:6] == ["iteration", "loss", "source_ce", "target_sce", "structure_kl", "regularization"]
+    assert headers["cag"][:7] == ["iteration", "loss", "source_ce", "source_distance", "target_distance",
+                                  "target_ce", "probability_ce"]
+    for name in ("proda", "cag"):
+        metrics = json.loads((results / "evaluation" / f"selftrain_{name}" / "metrics.json").read_text())
+        assert 0.0 <= metrics["miou"] <= 100.0 and metrics["images"] == 12
 
 
 def test_bismap_switches_on_a_proda_variant_fail_naming_it(finished_tiny_run, tmp_path):

@@ -1,7 +1,8 @@
 """Rules selftrain and selftrain_round: one round of one self-training variant.
 
 Method bismap: BiSMAP Eqs. 10-13 on pseudo-label files; method proda: ProDA
-stage 1, whose labels are made while it trains.
+stage 1, whose labels are made while it trains; method cag: CAG-UDA stage 1 on
+the anchor ('cas') labels.
 """
 
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 from bismap.devices import acquire_devices
 from bismap.runtime import optional_input, rule_context
 from bismap.settings import from_dict
+from bismap.training.cag import CagInputs, CagTrainSettings, cag_train
 from bismap.training.proda import ProdaInputs, ProdaTrainSettings, proda_train
 from bismap.training.selftrain import SelfTrainInputs, SelfTrainSettings, self_train
 from bismap.training.supervised import RunPaths
@@ -33,8 +35,15 @@ def proda_variant(settings: dict, name: str) -> tuple:
     return proda_train, inputs, from_dict(ProdaTrainSettings, settings, f"selftrain ({name}, proda)")
 
 
+def cag_variant(settings: dict, name: str) -> tuple:
+    inputs = CagInputs(Path(snakemake.input.initial), Path(snakemake.input.prototypes),
+                       Path(snakemake.input.source_manifest), Path(snakemake.input.target_manifest),
+                       [Path(folder) for folder in snakemake.input.pseudo_labels])
+    return cag_train, inputs, from_dict(CagTrainSettings, settings, f"selftrain ({name}, cag)")
+
+
 with rule_context(snakemake.log[0], snakemake.threads):
-    make = {"bismap": bismap_variant, "proda": proda_variant}[snakemake.params.method]
+    make = {"bismap": bismap_variant, "proda": proda_variant, "cag": cag_variant}[snakemake.params.method]
     train, inputs, settings = make(snakemake.params.settings, snakemake.wildcards.variant)
     paths = RunPaths(Path(snakemake.output.checkpoint), Path(snakemake.output.loss_log), Path(snakemake.params.state))
     # resources gpu=N (e.g. --set-resources selftrain:gpu=4): N processes, one per GPU, same global batch
