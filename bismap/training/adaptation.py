@@ -35,11 +35,11 @@ from tqdm import tqdm
 from bismap.data.loading import Manifest, ResumableBatchSampler, SegmentationDataset, train_augmentation
 from bismap.io import write_text
 from bismap.losses import PixelLosses, masked_mean, masked_sum
-from bismap.training.checkpoint import load_resume_state, save_checkpoint, save_resume_state
+from bismap.training.checkpoint import load_model, load_resume_state, save_checkpoint, save_resume_state
 from bismap.training.distributed import (DistributedContext, RankSliceBatchSampler, all_reduce_mean, capture_rng,
                                          global_mean_loss, restore_rng, seed_rank_rng, unwrap_model, wrap_model)
 from bismap.training.optim import set_poly_learning_rate
-from bismap.training.supervised import RunPaths, TrainSettings
+from bismap.training.supervised import RunPaths, TrainSettings, seed_everything
 
 logger = logging.getLogger(__name__)
 
@@ -201,3 +201,10 @@ def loss_table(history: list[dict[str, float]]) -> str:
         lines.append("\t".join(str(row[name]) if name == "iteration" else f"{row.get(name, float('nan')):.6g}"
                                for name in columns))
     return "\n".join(lines) + "\n"
+
+
+def seeded_start(checkpoint_path: Path, seed: int, device: torch.device) -> tuple[torch.nn.Module, list[str]]:
+    """Seed every generator (the same initial weights on every rank), then load the model to train and its classes."""
+    seed_everything(seed)
+    model, checkpoint = load_model(checkpoint_path, device)
+    return model, list(checkpoint["class_names"])

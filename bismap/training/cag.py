@@ -30,11 +30,11 @@ from bismap.labels.gmm import ClassPrototypes
 from bismap.losses import weighted_cross_entropy_pixels
 from bismap.methods.cag import CagSettings, anchor_distance_pixels, probability_pseudo_labels
 from bismap.methods.prototypes import labels_at_feature_size
-from bismap.training.adaptation import AdaptationRun, Batch, DomainData, pixel_mean, train_and_save
-from bismap.training.checkpoint import fingerprint, load_model
+from bismap.training.adaptation import AdaptationRun, Batch, DomainData, pixel_mean, seeded_start, train_and_save
+from bismap.training.checkpoint import fingerprint
 from bismap.training.distributed import DistributedContext, launch_training
 from bismap.training.optim import make_optimizer
-from bismap.training.supervised import RunPaths, TrainSettings, seed_everything
+from bismap.training.supervised import RunPaths, TrainSettings
 
 logger = logging.getLogger(__name__)
 
@@ -112,9 +112,7 @@ def cag_train(inputs: CagInputs, paths: RunPaths, settings: CagTrainSettings, de
 def _cag_train(context: DistributedContext, job: tuple[CagInputs, RunPaths, CagTrainSettings,
                                                          dict[str, Any]]) -> None:
     inputs, paths, settings, run_settings = job
-    seed_everything(settings.training.seed)
-    model, checkpoint = load_model(inputs.warmup_checkpoint, context.device)
-    class_names = list(checkpoint["class_names"])
+    model, class_names = seeded_start(inputs.warmup_checkpoint, settings.training.seed, context.device)
     anchors = load_anchors(inputs.prototypes, class_names, context.device)  # (K, D), fixed in the stage
     optimizer = make_optimizer(model, settings.training.optimizer)
     source = DomainData(inputs.source_manifest)

@@ -40,13 +40,13 @@ from bismap.methods.proda import (ProdaSettings, prototype_weights, pseudo_label
                                   rectify_pseudo_labels, regularization_pixels, structure_kl_pixels,
                                   update_prototypes)
 from bismap.methods.prototypes import centroids_from_sums, class_feature_sums
-from bismap.training.adaptation import AdaptationRun, Batch, DomainData, pixel_mean, train_and_save
-from bismap.training.checkpoint import fingerprint, load_model
+from bismap.training.adaptation import AdaptationRun, Batch, DomainData, pixel_mean, seeded_start, train_and_save
+from bismap.training.checkpoint import fingerprint
 from bismap.training.distributed import DistributedContext, launch_training, unwrap_model
 from bismap.training.ema import make_teacher, update_ema
 from bismap.training.optim import make_optimizer
 from bismap.training.selftrain import strong_view
-from bismap.training.supervised import RunPaths, TrainSettings, seed_everything
+from bismap.training.supervised import RunPaths, TrainSettings
 
 logger = logging.getLogger(__name__)
 
@@ -152,9 +152,7 @@ def proda_train(inputs: ProdaInputs, paths: RunPaths, settings: ProdaTrainSettin
 def _proda_train(context: DistributedContext, job: tuple[ProdaInputs, RunPaths, ProdaTrainSettings,
                                                            dict[str, Any]]) -> None:
     inputs, paths, settings, run_settings = job
-    seed_everything(settings.training.seed)
-    model, checkpoint = load_model(inputs.warmup_checkpoint, context.device)
-    class_names = list(checkpoint["class_names"])
+    model, class_names = seeded_start(inputs.warmup_checkpoint, settings.training.seed, context.device)
     warmup = make_teacher(model)  # a frozen copy: the fixed soft labels p_{t,0}
     momentum = make_teacher(model)  # f~, the momentum encoder
     bank = PrototypeBank(initial_prototypes(warmup, inputs.target_manifest, len(class_names), context.device))
