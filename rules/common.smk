@@ -1,7 +1,6 @@
 # Config validation, path helpers and the params every rule shares.
 
 import os
-import re
 from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
@@ -140,7 +139,7 @@ def evaluated_models():
 
 def model_checkpoint(model, seed="{seed}"):
     """The checkpoint of a report row: checkpoints/<model>.pt, or checkpoints/rounds/ for an earlier round."""
-    if re.fullmatch(r"selftrain_[a-z][a-z0-9_]*_round_\d+", model):
+    if model in {round_model(name, round_number) for name, round_number in earlier_rounds()}:
         return run_path("checkpoints", "rounds", f"{model}.pt", seed=seed)
     return run_path("checkpoints", f"{model}.pt", seed=seed)
 
@@ -351,7 +350,7 @@ def selftrain_run_settings(wildcards):
 
 def variant_rounds(name):
     """Self-training rounds of one variant (its `rounds`, default 1)."""
-    return int(selftrain_variant(name).get("rounds", 1))
+    return int(selftrain_variant(name)["rounds"])
 
 
 def round_number_of(wildcards):
@@ -364,6 +363,11 @@ def round_model(variant, round_number):
     return f"selftrain_{variant}_round_{round_number}"
 
 
+def earlier_rounds():
+    """(variant, round) of every round before a variant's last, in the config's order."""
+    return [(name, round_number) for name in selftrain_variants() for round_number in range(1, variant_rounds(name))]
+
+
 def round_label_settings():
     """PseudoLabelSettings of the labels between rounds: the previous round's confident predictions."""
     labels = selftrain_settings().get("round_labels", {})
@@ -371,10 +375,9 @@ def round_label_settings():
             "flip_average": labels.get("flip_average", False), "resolution": labels.get("resolution", "feature")}
 
 
-def round_labels_path(variant, round_number, seed):
-    """Shard folders of round `round_number`'s labels of one variant (the input of the next round)."""
-    folder = run_path("pseudo_labels", "rounds", f"{variant}_round_{round_number}", "shard_{shard}", seed=seed)
-    return expand(folder, shard=maps_shards())
+def label_shard_folders(*label_set, seed):
+    """The shard folders of one pseudo-label set under pseudo_labels/ (e.g. 'maps', or 'rounds', '<v>_round_1')."""
+    return expand(run_path("pseudo_labels", *label_set, "shard_{shard}", seed=seed), shard=maps_shards())
 
 
 def selftrain_initial_inputs(wildcards):
@@ -386,19 +389,17 @@ def selftrain_initial_inputs(wildcards):
     if round_number > 1:
         previous = run_path("checkpoints", "rounds", f"{round_model(wildcards.variant, round_number - 1)}.pt",
                             seed=wildcards.seed)
-        return {"initial": previous, "pseudo_labels": round_labels_path(wildcards.variant, round_number - 1,
-                                                                        wildcards.seed)}
+        labels = label_shard_folders("rounds", f"{wildcards.variant}_round_{round_number - 1}", seed=wildcards.seed)
+        return {"initial": previous, "pseudo_labels": labels}
     warmup = run_path("checkpoints", "warmup.pt", seed=wildcards.seed)
     method = selftrain_variant(wildcards.variant)["method"]
     if method == "proda":  # makes its labels while it trains
         return {"initial": warmup}
     if method == "cag":  # the anchor labels, and the anchors (the MAPs file's class centroids)
-        labels_path = run_path("pseudo_labels", "cas", "shard_{shard}", seed=wildcards.seed)
-        return {"initial": warmup, "pseudo_labels": expand(labels_path, shard=maps_shards()),
+        return {"initial": warmup, "pseudo_labels": label_shard_folders("cas", seed=wildcards.seed),
                 "prototypes": run_path("maps", "prototypes.h5", seed=wildcards.seed)}
-    labels = variant_pseudo_labels(wildcards.variant)
-    labels_path = run_path("pseudo_labels", labels, "shard_{shard}", seed=wildcards.seed)
-    return {"initial": warmup, "pseudo_labels": expand(labels_path, shard=maps_shards())}
+    labels = label_shard_folders(variant_pseudo_labels(wildcards.variant), seed=wildcards.seed)
+    return {"initial": warmup, "pseudo_labels": labels}
 
 
 def selftrain_inputs(wildcards):
@@ -503,10 +504,9 @@ def stage_jobs():
                     source_distance_statistics=stm_shard_names, source_transferability=stm_shard_names,
                     merge_source_transferability=[""])
     jobs["selftrain"] = list(selftrain_variants())
-    earlier_rounds = [f"{variant}_round_{round_number}" for variant in selftrain_variants()
-                      for round_number in range(1, variant_rounds(variant))]
-    jobs["selftrain_round"] = earlier_rounds
-    jobs["round_pseudo_labels"] = [f"{name}_{shard}" for name in earlier_rounds for shard in shards]
+    rounds = [f"{variant}_round_{round_number}" for variant, round_number in earlier_rounds()]
+    jobs["selftrain_round"] = rounds
+    jobs["round_pseudo_labels"] = [f"{name}_{shard}" for name in rounds for shard in shards]
     if distill_enabled():
         jobs.update(teacher_pseudo_labels=shards, distill=[""])
     jobs.update(evaluate=evaluated_models(), qualitative_figure=[""], report=[""])

@@ -15,10 +15,12 @@
   class the ceil(``fraction`` * n_c) most confident pixels are kept (ties: the
   earlier pixel in row-major order).
 
-Everything is scored at feature resolution (h, w) = (H/4, W/4), in chunks of
-``chunk_rows`` rows of the (h*w, D) features; the (h, w) label map, with the
-decision already applied, is then upsampled to the image size by nearest
-neighbour (image pixel (y, x) takes cell (floor(y*h/H), floor(x*w/W))).
+By default (``resolution='feature'``) everything is scored at feature
+resolution (h, w) = (H/4, W/4), in chunks of ``chunk_rows`` rows of the
+(h*w, D) features; the (h, w) label map, with the decision already applied, is
+then upsampled to the image size by nearest neighbour (image pixel (y, x) takes
+cell (floor(y*h/H), floor(x*w/W))). ``resolution='image'`` upsamples logits
+and features bilinearly to (H, W) first and scores every image pixel.
 Images are run one at a time, so a label never depends on which other images
 share its shard: any shard count gives byte-identical PNGs.
 """
