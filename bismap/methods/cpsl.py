@@ -126,11 +126,16 @@ def initial_head_weights(features: torch.Tensor, labels: torch.Tensor, num_class
     return class_centroids(F.normalize(features, dim=1), labels, num_classes)
 
 
-def cluster_probabilities(features: torch.Tensor, head_weights: torch.Tensor, temperature: float) -> torch.Tensor:
-    """CPSL Eq. 4 for a feature map: P_SL (B, K, h, w) = softmax_c(f_SL(z) / tau)."""
+def cluster_logits(features: torch.Tensor, head_weights: torch.Tensor, temperature: float) -> torch.Tensor:
+    """f_SL(z) / tau for a feature map (B, D, h, w) -> (B, K, h, w): the logits of Eq. 4."""
     unit_features = F.normalize(features, dim=1)  # (B, D, h, w)
     scores = torch.einsum("bdhw,kd->bkhw", unit_features, F.normalize(head_weights, dim=1))
-    return (scores / temperature).softmax(dim=1)
+    return scores / temperature
+
+
+def cluster_probabilities(features: torch.Tensor, head_weights: torch.Tensor, temperature: float) -> torch.Tensor:
+    """CPSL Eq. 4 for a feature map: P_SL (B, K, h, w) = softmax_c(f_SL(z) / tau)."""
+    return cluster_logits(features, head_weights, temperature).softmax(dim=1)
 
 
 def self_labeling_loss_pixels(scores: torch.Tensor, assignments: torch.Tensor, temperature: float) -> PixelLosses:

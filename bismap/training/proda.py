@@ -31,15 +31,13 @@ from typing import Any
 
 import torch
 from torch.nn import functional as F
-from torch.utils.data import DataLoader
 
-from bismap.data.loading import Manifest, SegmentationDataset
 from bismap.data.strong_augment import StrongAugmentSettings
 from bismap.losses import weighted_cross_entropy_pixels
 from bismap.methods.proda import (ProdaSettings, prototype_weights, pseudo_label_loss_pixels,
                                   rectify_pseudo_labels, regularization_pixels, structure_kl_pixels,
                                   update_prototypes)
-from bismap.methods.prototypes import centroids_from_sums, class_feature_sums
+from bismap.methods.prototypes import centroids_from_sums
 from bismap.training.adaptation import AdaptationRun, Batch, DomainData, pixel_mean, seeded_start, train_and_save
 from bismap.training.checkpoint import fingerprint
 from bismap.training.distributed import DistributedContext, launch_training, unwrap_model
@@ -47,6 +45,7 @@ from bismap.training.ema import make_teacher, update_ema
 from bismap.training.optim import make_optimizer
 from bismap.training.selftrain import strong_view
 from bismap.training.supervised import RunPaths, TrainSettings
+from bismap.training.target_pass import own_label_class_sums
 
 logger = logging.getLogger(__name__)
 
@@ -73,21 +72,10 @@ class PrototypeBank(torch.nn.Module):
         self.register_buffer("prototypes", prototypes.clone())
 
 
-@torch.no_grad()
 def initial_prototypes(model: torch.nn.Module, manifest_path: Path, num_classes: int,
                        device: torch.device) -> torch.Tensor:
     """Class centroids (K, D) of the model's target features under its own argmax labels; NaN rows: never predicted."""
-    dataset = SegmentationDataset(Manifest.load(manifest_path), labelled=False)
-    loader = DataLoader(dataset, batch_size=50)
-    model.eval()
-    sums, counts = None, None
-    for batch in loader:
-        output = model(batch["image"].to(device))
-        labels = output.logits.argmax(dim=1)  # (B, h, w), at feature resolution
-        batch_sums, batch_counts = class_feature_sums(output.features, labels, num_classes)  # (K, D), (K,)
-        sums = batch_sums if sums is None else sums + batch_sums
-        counts = batch_counts if counts is None else counts + batch_counts
-    return centroids_from_sums(sums, counts)
+    return centroids_from_sums(*own_label_class_sums(model, manifest_path, num_classes, device))
 
 
 class ProdaStep:
