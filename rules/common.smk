@@ -147,7 +147,7 @@ def model_checkpoint(model, seed="{seed}"):
 def model_components():
     """Per report row, the components it uses (BiSMAP Table 4 columns)."""
     components = {}
-    for name, variant in selftrain_variants().items():
+    for name, variant in bismap_variants().items():
         used = {"maps": variant["maps"], "stm": variant["stm"], "consistency": variant["consistency"],
                 "distillation": False}
         for round_number in range(1, variant_rounds(name)):
@@ -156,6 +156,29 @@ def model_components():
     if distill_enabled():
         components["distill"] = {**components[f"selftrain_{distill_teacher()}"], "distillation": True}
     return components
+
+
+def full_bismap_variant():
+    """The variant that is BiSMAP itself: the distillation teacher, else the last with MAPs, STM and consistency."""
+    if distill_enabled():
+        return distill_teacher()
+    full = [name for name, variant in bismap_variants().items()
+            if variant["maps"] and variant["stm"] and variant["consistency"]]
+    return full[-1] if full else None
+
+
+def method_rows():
+    """The family table's rows (bismap.report.methods): report row -> method, in the report's order."""
+    methods = {"warmup": "source"}
+    methods.update({f"selftrain_{name}": variant["method"] for name, variant in selftrain_variants().items()
+                    if variant["method"] != "bismap"})
+    if full_bismap_variant():
+        methods[f"selftrain_{full_bismap_variant()}"] = "bismap"
+    if distill_enabled():
+        methods["distill"] = "bismap_distill"
+    if oracle_enabled():
+        methods["oracle"] = "oracle"
+    return methods
 
 
 def maps_settings():
@@ -294,6 +317,9 @@ def selftrain_enabled():
     return bool(selftrain_settings().get("enabled", False))
 
 
+# The selftrain keys each family method reads (its *TrainSettings dataclass).
+METHOD_SETTINGS = {"proda": ("training", "proda", "strong_augment"), "cpsl": ("training", "cpsl", "strong_augment"),
+                   "contrastive": ("training", "contrastive"), "cag": ("training", "cag")}
 VARIANT_DEFAULTS = {"method": "bismap", "maps": False, "stm": False, "consistency": False, "rounds": 1}
 
 
@@ -325,15 +351,15 @@ def selftrain_variant(name):
 
 
 def variant_pseudo_labels(name):
-    """Which pseudo-label set a variant learns from: 'maps' or 'baseline'."""
+    """Which pseudo-label set a variant learns from: 'maps' or 'baseline' (also the contrastive static labels)."""
     return "maps" if selftrain_variant(name)["maps"] else "baseline"
 
 
 def selftrain_run_settings(wildcards):
     """SelfTrainSettings of one variant: only what it uses, so editing lambda reruns consistency variants only."""
     variant = selftrain_variant(wildcards.variant)
-    if variant["method"] != "bismap":  # ProdaTrainSettings, CagTrainSettings
-        keys = {"proda": ("training", "proda", "strong_augment"), "cag": ("training", "cag")}[variant["method"]]
+    if variant["method"] != "bismap":  # ProdaTrainSettings, CpslTrainSettings, ...
+        keys = METHOD_SETTINGS[variant["method"]]
         return with_run_seed({key: selftrain_settings()[key] for key in keys if key in selftrain_settings()},
                              wildcards.seed)
     shared = ("training", "init", "sce_alpha", "sce_beta")
@@ -393,7 +419,7 @@ def selftrain_initial_inputs(wildcards):
         return {"initial": previous, "pseudo_labels": labels}
     warmup = run_path("checkpoints", "warmup.pt", seed=wildcards.seed)
     method = selftrain_variant(wildcards.variant)["method"]
-    if method == "proda":  # makes its labels while it trains
+    if method in ("proda", "cpsl"):  # make their labels while they train
         return {"initial": warmup}
     if method == "cag":  # the anchor labels, and the anchors (the MAPs file's class centroids)
         return {"initial": warmup, "pseudo_labels": label_shard_folders("cas", seed=wildcards.seed),
@@ -469,7 +495,8 @@ def cas_labels_needed():
 
 
 def baseline_labels_needed():
-    return any(not variant["maps"] for variant in bismap_variants().values())
+    return any(not variant["maps"] for variant in bismap_variants().values()) \
+        or any(variant["method"] == "contrastive" for variant in selftrain_variants().values())
 
 
 def prototypes_needed():

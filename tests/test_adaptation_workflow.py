@@ -145,28 +145,35 @@ def test_a_proda_variant_trains_from_the_warmup_alone_and_gets_a_report_row(fini
     assert "checkpoints/warmup.pt" in inputs and "pseudo_labels" not in inputs and "stm" not in inputs
 
 
-def test_proda_and_cag_variants_run_without_maps_labels_or_stm(tmp_path):
-    """Their own run (the shared tiny run stays as it is). ProDA needs the warmup only; CAG-UDA the MAPs file's
-    class centroids (features and GMM jobs) and its anchor labels ('cas', 2 shards), not the MAPs labels."""
+FAMILY = ("proda", "cpsl", "contrastive", "cag")
+
+
+def test_the_family_variants_run_without_maps_labels_or_stm(tmp_path):
+    """Their own run (the shared tiny run stays as it is). ProDA and CPSL need the warmup only; the contrastive
+    method the baseline labels as static labels (2 shards); CAG-UDA the MAPs file's class centroids (features and
+    GMM jobs) and its anchor labels ('cas', 2 shards), not the MAPs labels."""
     config = tiny_config(tmp_path / "results")
-    config["selftrain"]["variants"] = [{"name": "proda", "method": "proda"}, {"name": "cag", "method": "cag"}]
+    config["selftrain"]["variants"] = [{"name": name, "method": name} for name in FAMILY]
     for stage in ("maps", "pseudo_label_report", "stm", "distill", "oracle"):
         config[stage]["enabled"] = False
     results = seed_results(tmp_path / "results")
-    targets = [str(results / "evaluation" / f"selftrain_{name}" / "metrics.json") for name in ("proda", "cag")]
+    targets = [str(results / "evaluation" / f"selftrain_{name}" / "metrics.json") for name in FAMILY]
     configfile = write_config(tmp_path / "family.yaml", config)
     output = run_snakemake(tmp_path, configfile, "-n", *targets).stdout
     assert planned_jobs(output) == {"make_digit_scenes": 3, "index_dataset": 3, "warmup": 1,
                                     "extract_source_features": 1, "fit_class_gmm": 2, "merge_class_gmms": 1,
-                                    "pseudo_labels": 2, "selftrain": 2, "evaluate": 2}
+                                    "pseudo_labels": 4, "selftrain": 4, "evaluate": 4}
     assert re.search(r"wildcards: seed=0, labels=cas, shard=1", output)
+    assert re.search(r"wildcards: seed=0, labels=baseline, shard=1", output)
     run_snakemake(tmp_path, configfile, *targets)
     headers = {name: (results / "training" / f"selftrain_{name}_loss.tsv").read_text().splitlines()[0].split("\t")
-               for name in ("proda", "cag")}
+               for name in FAMILY}
     assert headers["proda"][:6] == ["iteration", "loss", "source_ce", "target_sce", "structure_kl", "regularization"]
+    assert headers["cpsl"][:6] == ["iteration", "loss", "source_ce", "target_ce", "self_labeling", "consistency"]
+    assert headers["contrastive"][6:9] == ["forward_contrast", "backward_contrast", "dynamic_share"]
     assert headers["cag"][:7] == ["iteration", "loss", "source_ce", "source_distance", "target_distance",
                                   "target_ce", "probability_ce"]
-    for name in ("proda", "cag"):
+    for name in FAMILY:
         metrics = json.loads((results / "evaluation" / f"selftrain_{name}" / "metrics.json").read_text())
         assert 0.0 <= metrics["miou"] <= 100.0 and metrics["images"] == 12
 

@@ -1,8 +1,9 @@
 """Rules selftrain and selftrain_round: one round of one self-training variant.
 
-Method bismap: BiSMAP Eqs. 10-13 on pseudo-label files; method proda: ProDA
-stage 1, whose labels are made while it trains; method cag: CAG-UDA stage 1 on
-the anchor ('cas') labels.
+Method bismap: BiSMAP Eqs. 10-13 on pseudo-label files; methods proda and cpsl:
+ProDA stage 1 and CPSL, whose labels are made while they train; method
+contrastive: bi-directional contrastive learning with the baseline labels as
+static labels; method cag: CAG-UDA stage 1 on the anchor ('cas') labels.
 """
 
 from pathlib import Path
@@ -11,6 +12,8 @@ from bismap.devices import acquire_devices
 from bismap.runtime import optional_input, rule_context
 from bismap.settings import from_dict
 from bismap.training.cag import CagInputs, CagTrainSettings, cag_train
+from bismap.training.contrastive import ContrastiveInputs, ContrastiveTrainSettings, contrastive_train
+from bismap.training.cpsl import CpslInputs, CpslTrainSettings, cpsl_train
 from bismap.training.proda import ProdaInputs, ProdaTrainSettings, proda_train
 from bismap.training.selftrain import SelfTrainInputs, SelfTrainSettings, self_train
 from bismap.training.supervised import RunPaths
@@ -35,6 +38,19 @@ def proda_variant(settings: dict, name: str) -> tuple:
     return proda_train, inputs, from_dict(ProdaTrainSettings, settings, f"selftrain ({name}, proda)")
 
 
+def cpsl_variant(settings: dict, name: str) -> tuple:
+    inputs = CpslInputs(Path(snakemake.input.initial), Path(snakemake.input.source_manifest),
+                        Path(snakemake.input.target_manifest))
+    return cpsl_train, inputs, from_dict(CpslTrainSettings, settings, f"selftrain ({name}, cpsl)")
+
+
+def contrastive_variant(settings: dict, name: str) -> tuple:
+    inputs = ContrastiveInputs(Path(snakemake.input.initial), Path(snakemake.input.source_manifest),
+                               Path(snakemake.input.target_manifest),
+                               [Path(folder) for folder in snakemake.input.pseudo_labels])
+    return contrastive_train, inputs, from_dict(ContrastiveTrainSettings, settings, f"selftrain ({name}, contrastive)")
+
+
 def cag_variant(settings: dict, name: str) -> tuple:
     inputs = CagInputs(Path(snakemake.input.initial), Path(snakemake.input.prototypes),
                        Path(snakemake.input.source_manifest), Path(snakemake.input.target_manifest),
@@ -43,7 +59,8 @@ def cag_variant(settings: dict, name: str) -> tuple:
 
 
 with rule_context(snakemake.log[0], snakemake.threads):
-    make = {"bismap": bismap_variant, "proda": proda_variant, "cag": cag_variant}[snakemake.params.method]
+    make = {"bismap": bismap_variant, "proda": proda_variant, "cpsl": cpsl_variant,
+            "contrastive": contrastive_variant, "cag": cag_variant}[snakemake.params.method]
     train, inputs, settings = make(snakemake.params.settings, snakemake.wildcards.variant)
     paths = RunPaths(Path(snakemake.output.checkpoint), Path(snakemake.output.loss_log), Path(snakemake.params.state))
     # resources gpu=N (e.g. --set-resources selftrain:gpu=4): N processes, one per GPU, same global batch
