@@ -91,6 +91,7 @@ rule report_seeds:
         benchmarks=seed_benchmarks(),
         models=evaluated_models(),
         components=model_components(),
+        methods=method_rows(),
         code_version=CODE_VERSION,
     conda:
         CONDA_ENV

@@ -123,3 +123,29 @@ def test_a_file_that_is_not_a_benchmark_fails_naming_it(tmp_path):
     (tmp_path / "bad.tsv").write_text("seconds\n1.0\n")
     with pytest.raises(ValueError, match="bad.tsv is not a Snakemake benchmark"):
         benchmark_seconds(tmp_path / "bad.tsv")
+
+
+def test_methods_side_by_side_with_per_class_iou_and_the_papers_number(three_seeds, tmp_path):
+    """A family row joins the methods table and leaves BiSMAP's effect table (it is no ablation of BiSMAP)."""
+    for seed, path in three_seeds.items():  # a CPSL row: the warmup's IoU plus 4 points on class a
+        summary = json.loads(path.read_text())
+        cpsl = json.loads(json.dumps(summary["warmup"]))
+        cpsl["per_class_iou"]["a"] += 4.0 + seed
+        cpsl["miou"] += 2.0 + seed / 2
+        cpsl["gap_closed_percent"] = 100.0 * (2.0 + seed / 2) / summary["gap_warmup_to_oracle"]
+        summary["selftrain_cpsl"] = cpsl
+        path.write_text(json.dumps(summary))
+    methods = {"warmup": "source", "selftrain_cpsl": "cpsl", "selftrain_bismap": "bismap", "oracle": "oracle"}
+    write_seed_summary(three_seeds, {}, ["warmup", "selftrain_bismap", "selftrain_cpsl", "oracle"], COMPONENTS,
+                       tmp_path / "summary.md", tmp_path / "summary.json", methods=methods)
+    markdown = (tmp_path / "summary.md").read_text()
+    table = markdown.split("## Methods side by side")[1]
+    # class a: warmup 10 + 4, 5, 6; mIoU: 22, 24.5, 27 (warmups 20, 22, 24 plus 2, 2.5, 3)
+    assert "| CPSL (paper 002) | selftrain_cpsl | 15.0 ± 1.0 | 5.0 ± 0.0 | 24.5 ± 2.5 |" in table
+    assert "| 55.7 (CPSL Table 1, before distillation) |" in table
+    assert "| BiSMAP self-training (paper 000) | selftrain_bismap | 50.0 ± 10.0 |" in table
+    effects = markdown.split("## Effect of each component")[1].split("##")[0]
+    assert "selftrain_cpsl" not in effects and "| selftrain_bismap |" in effects
+    with pytest.raises(KeyError, match="no paper result for method"):
+        write_seed_summary(three_seeds, {}, ["warmup"], {}, tmp_path / "x.md", tmp_path / "x.json",
+                           methods={"warmup": "dann"})

@@ -11,4 +11,5 @@ with rule_context(snakemake.log[0], snakemake.threads):
         components=snakemake.params.components,
         markdown_path=snakemake.output.markdown,
         json_path=snakemake.output.json,
+        methods=snakemake.params.methods,
     )

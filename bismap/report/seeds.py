@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from bismap.io import read_json, write_json, write_text
+from bismap.report.methods import FAMILY_METHODS, method_table
 from bismap.report.spread import format_stat, mean_std
 from bismap.report.stage_times import stage_table, stage_times
 from bismap.report.tables import COMPONENT_HEADER, COMPONENT_TITLES, COMPONENTS, component_cells
@@ -91,27 +92,37 @@ def class_table(rows: Mapping[str, Mapping[str, Any]]) -> str:
 
 def write_seed_summary(summary_paths: Mapping[int, str | Path], benchmarks: Mapping[int, Mapping[str, Sequence[str]]],
                        models: Sequence[str], components: Mapping[str, Mapping[str, bool | int]],
-                       markdown_path: str | Path, json_path: str | Path) -> dict[str, Any]:
+                       markdown_path: str | Path, json_path: str | Path,
+                       methods: Mapping[str, str] | None = None) -> dict[str, Any]:
     """Write the Markdown and JSON report over the seeds of ``summary_paths`` (seed -> per-seed summary.json).
 
     ``benchmarks``: per seed, per rule, the benchmark files of its jobs
-    (:func:`bismap.report.stage_times.stage_times`).
+    (:func:`bismap.report.stage_times.stage_times`). ``methods``: the rows of
+    the family table (:func:`bismap.report.methods.method_table`); rows of the
+    other methods of the family stay out of BiSMAP's component and effect tables.
     """
+    methods = dict(methods or {})
     summaries = {seed: read_json(path) for seed, path in summary_paths.items()}
     rows = aggregate_models(summaries, models)
     gap = mean_std([summary.get("gap_warmup_to_oracle") for summary in summaries.values()])
     times = stage_times(benchmarks)
     seeds = list(summary_paths)
-    result = {"seeds": seeds, "seed_count": len(seeds), "models": rows, "gap_warmup_to_oracle": gap,
+    result = {"seeds": seeds, "seed_count": len(seeds), "models": rows, "gap_warmup_to_oracle": gap, "methods": methods,
               "components": {model: dict(components.get(model, {})) for model in models}, "stage_times": times}
     text = f"# Target-val results over {len(seeds)} run seed(s)\n\n"
     text += (f"Seeds {', '.join(map(str, seeds))}: mean ± sample standard deviation (ddof = 1) over the seeds; "
              "'—': undefined with one seed. Reports of each seed: "
              + ", ".join(f"[seed {seed}]({_relative(Path(path).with_suffix('.md'), markdown_path)})"
                          for seed, path in summary_paths.items()) + ".\n")
-    text += "\n## Components (BiSMAP Table 4)\n\n" + component_table(rows, components)
+    ablation = [model for model in models if methods.get(model) not in FAMILY_METHODS]
+    text += "\n## Components (BiSMAP Table 4)\n\n" + component_table({model: rows[model] for model in ablation},
+                                                                      components)
     text += ("\n## Effect of each component\n\nEach row minus the row before it, per seed, then mean ± std "
-             "over the seeds.\n\n" + effect_table(summaries, models, components))
+             "over the seeds.\n\n" + effect_table(summaries, ablation, components))
+    if methods:
+        text += ("\n## Methods side by side\n\nTarget-val IoU on this benchmark, mean ± std over the seeds, and "
+                 "each paper's own GTA5 → Cityscapes val mIoU for the same stage (ResNet-101 DeepLab): a "
+                 "reference for the ranking, not comparable in absolute terms.\n\n" + method_table(rows, methods))
     text += "\n## Per-class IoU (BiSMAP Table 1)\n\n" + class_table(rows)
     if gap["mean"] is not None:
         text += f"\nGap between source-only warmup and target oracle: {format_stat(gap)} mIoU points.\n"

@@ -1,0 +1,58 @@
+"""The family side by side: one row per method's model, per-class IoU, and the paper's own number.
+
+``methods`` maps a report row (model name) to the method it stands for
+(:data:`PAPER_RESULTS` keys, plus ``source`` for the warmup and ``oracle``).
+The paper column is each paper's GTA5 -> Cityscapes val mIoU for the stage
+the row runs (ResNet-101 DeepLab on 19 classes): a reference for the ranking,
+not comparable in absolute terms with the embedded benchmark.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from bismap.report.spread import format_stat
+
+
+@dataclass(frozen=True)
+class PaperResult:
+    title: str  # the method as the table names it
+    miou: float | None  # GTA5 -> Cityscapes val mIoU of the same stage; None: no such number
+    source: str  # where the number is printed
+
+
+PAPER_RESULTS = {
+    "source": PaperResult("source only (warmup)", None, ""),
+    "bismap": PaperResult("BiSMAP self-training (paper 000)", 57.7, "BiSMAP Table 1"),
+    "bismap_distill": PaperResult("BiSMAP + distillation (paper 000)", 61.2, "BiSMAP Table 1, BiSMAP*"),
+    "proda": PaperResult("ProDA stage 1 (paper 001)", 53.7, "ProDA Table 3, stage 1"),
+    "cpsl": PaperResult("CPSL (paper 002)", 55.7, "CPSL Table 1, before distillation"),
+    "contrastive": PaperResult("bi-directional contrastive (paper 003)", 57.1,
+                               "its Table 1 (with its self-distillation)"),
+    "cag": PaperResult("CAG-UDA stage 1 (paper 004)", 47.2, "CAG-UDA Table 4, stage 1"),
+    "oracle": PaperResult("target oracle", None, ""),
+}
+FAMILY_METHODS = ("proda", "cpsl", "contrastive", "cag")  # rows outside BiSMAP's own component tables
+
+
+def method_table(rows: Mapping[str, Mapping[str, Any]], methods: Mapping[str, str]) -> str:
+    """Markdown: method, row, per-class IoU, mIoU, % of the gap closed (mean ± std cells), the paper's mIoU."""
+    unknown = sorted(set(methods.values()) - set(PAPER_RESULTS))
+    if unknown:
+        raise KeyError(f"no paper result for method(s) {unknown}; known: {sorted(PAPER_RESULTS)}")
+    shown = [model for model in methods if model in rows]
+    if not shown:
+        return "No method rows.\n"
+    classes = list(rows[shown[0]]["per_class_iou"])
+    lines = ["| method | row | " + " | ".join(classes) + " | mIoU | gap closed % | paper mIoU (GTA5 → Cityscapes) |",
+             "|" + "---|" * (len(classes) + 5)]
+    for model in shown:
+        paper = PAPER_RESULTS[methods[model]]
+        reference = f"{paper.miou:.1f} ({paper.source})" if paper.miou is not None else ""
+        cells = [format_stat(rows[model]["per_class_iou"][name]) for name in classes]
+        lines.append(f"| {paper.title} | {model} | " + " | ".join(cells)
+                     + f" | {format_stat(rows[model]['miou'])} | "
+                     f"{format_stat(rows[model]['gap_closed_percent'], signed=True)} | {reference} |")
+    return "\n".join(lines) + "\n"
