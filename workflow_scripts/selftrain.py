@@ -6,15 +6,17 @@ contrastive: bi-directional contrastive learning with the baseline labels as
 static labels; method cag: CAG-UDA stage 1 on the anchor ('cas') labels.
 """
 
+from collections.abc import Callable
 from pathlib import Path
 
 from bismap.devices import acquire_devices
 from bismap.runtime import optional_input, rule_context
 from bismap.settings import from_dict
+from bismap.training.adaptation import WarmupInputs
 from bismap.training.cag import CagInputs, CagTrainSettings, cag_train
 from bismap.training.contrastive import ContrastiveInputs, ContrastiveTrainSettings, contrastive_train
-from bismap.training.cpsl import CpslInputs, CpslTrainSettings, cpsl_train
-from bismap.training.proda import ProdaInputs, ProdaTrainSettings, proda_train
+from bismap.training.cpsl import CpslTrainSettings, cpsl_train
+from bismap.training.proda import ProdaTrainSettings, proda_train
 from bismap.training.selftrain import SelfTrainInputs, SelfTrainSettings, self_train
 from bismap.training.supervised import RunPaths
 
@@ -32,16 +34,13 @@ def bismap_variant(settings: dict, name: str) -> tuple:
     return self_train, inputs, from_dict(SelfTrainSettings, settings, f"selftrain ({name})")
 
 
-def proda_variant(settings: dict, name: str) -> tuple:
-    inputs = ProdaInputs(Path(snakemake.input.initial), Path(snakemake.input.source_manifest),
-                         Path(snakemake.input.target_manifest))
-    return proda_train, inputs, from_dict(ProdaTrainSettings, settings, f"selftrain ({name}, proda)")
-
-
-def cpsl_variant(settings: dict, name: str) -> tuple:
-    inputs = CpslInputs(Path(snakemake.input.initial), Path(snakemake.input.source_manifest),
-                        Path(snakemake.input.target_manifest))
-    return cpsl_train, inputs, from_dict(CpslTrainSettings, settings, f"selftrain ({name}, cpsl)")
+def warmup_variant(train: Callable, settings_class: type) -> Callable:
+    """Methods that make their labels while they train (proda, cpsl): the warmup and the two manifests."""
+    def make(settings: dict, name: str) -> tuple:
+        inputs = WarmupInputs(Path(snakemake.input.initial), Path(snakemake.input.source_manifest),
+                              Path(snakemake.input.target_manifest))
+        return train, inputs, from_dict(settings_class, settings, f"selftrain ({name}, {snakemake.params.method})")
+    return make
 
 
 def contrastive_variant(settings: dict, name: str) -> tuple:
@@ -59,7 +58,8 @@ def cag_variant(settings: dict, name: str) -> tuple:
 
 
 with rule_context(snakemake.log[0], snakemake.threads):
-    make = {"bismap": bismap_variant, "proda": proda_variant, "cpsl": cpsl_variant,
+    make = {"bismap": bismap_variant, "proda": warmup_variant(proda_train, ProdaTrainSettings),
+            "cpsl": warmup_variant(cpsl_train, CpslTrainSettings),
             "contrastive": contrastive_variant, "cag": cag_variant}[snakemake.params.method]
     train, inputs, settings = make(snakemake.params.settings, snakemake.wildcards.variant)
     paths = RunPaths(Path(snakemake.output.checkpoint), Path(snakemake.output.loss_log), Path(snakemake.params.state))

@@ -30,7 +30,7 @@ PAPER_RESULTS = {
     "proda": PaperResult("ProDA stage 1 (paper 001)", 53.7, "ProDA Table 3, stage 1"),
     "cpsl": PaperResult("CPSL (paper 002)", 55.7, "CPSL Table 1, before distillation"),
     "contrastive": PaperResult("bi-directional contrastive (paper 003)", 57.1,
-                               "its Table 1 (with its self-distillation)"),
+                               "its Table 1, with its self-distillation"),
     "cag": PaperResult("CAG-UDA stage 1 (paper 004)", 47.2, "CAG-UDA Table 4, stage 1"),
     "oracle": PaperResult("target oracle", None, ""),
 }

@@ -37,7 +37,8 @@ from bismap.io import write_text
 from bismap.losses import PixelLosses, masked_mean, masked_sum
 from bismap.training.checkpoint import load_model, load_resume_state, save_checkpoint, save_resume_state
 from bismap.training.distributed import (DistributedContext, RankSliceBatchSampler, all_reduce_mean, capture_rng,
-                                         global_mean_loss, restore_rng, seed_rank_rng, unwrap_model, wrap_model)
+                                         global_mean_loss, launch_training, restore_rng, seed_rank_rng, unwrap_model,
+                                         wrap_model)
 from bismap.training.optim import set_poly_learning_rate
 from bismap.training.supervised import RunPaths, TrainSettings, seed_everything
 
@@ -201,6 +202,23 @@ def loss_table(history: list[dict[str, float]]) -> str:
         lines.append("\t".join(str(row[name]) if name == "iteration" else f"{row.get(name, float('nan')):.6g}"
                                for name in columns))
     return "\n".join(lines) + "\n"
+
+
+@dataclass(frozen=True)
+class WarmupInputs:
+    """A method that makes its target labels while it trains needs the warmup and the two domains only."""
+
+    warmup_checkpoint: Path  # the initial student, its momentum copy and the fixed soft labels
+    source_manifest: Path
+    target_manifest: Path
+
+
+def launch_one_process(worker: Callable[..., None], job: tuple, settings: TrainSettings, device: torch.device,
+                       world_size: int, method: str, unsynchronised: str) -> None:
+    """``launch_training`` on one process; refuses more (``unsynchronised``: the state no all-reduce keeps equal)."""
+    if world_size != 1:
+        raise ValueError(f"{method} trains in one process ({unsynchronised} not synchronised); got {world_size}")
+    launch_training(worker, job, settings.batch_size, device, 1)
 
 
 def seeded_start(checkpoint_path: Path, seed: int, device: torch.device) -> tuple[torch.nn.Module, list[str]]:

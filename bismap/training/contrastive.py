@@ -46,9 +46,10 @@ from bismap.methods.contrastive import (ContrastiveSettings, backward_contrastiv
                                         dynamic_pseudo_labels, entropy_pixels, forward_contrastive_pixels,
                                         hybrid_pseudo_labels)
 from bismap.methods.prototypes import absent_classes, class_centroids, labels_at_feature_size, momentum_update
-from bismap.training.adaptation import AdaptationRun, Batch, DomainData, pixel_mean, seeded_start, train_and_save
+from bismap.training.adaptation import (AdaptationRun, Batch, DomainData, launch_one_process, pixel_mean, seeded_start,
+                                        train_and_save)
 from bismap.training.checkpoint import fingerprint
-from bismap.training.distributed import DistributedContext, launch_training
+from bismap.training.distributed import DistributedContext
 from bismap.training.optim import make_optimizer
 from bismap.training.supervised import RunPaths, TrainSettings
 
@@ -146,11 +147,8 @@ class ContrastiveStep:
 def contrastive_train(inputs: ContrastiveInputs, paths: RunPaths, settings: ContrastiveTrainSettings,
                       device: torch.device, run_settings: dict[str, Any], world_size: int = 1) -> None:
     """Train and write the checkpoint and loss log; resumable from ``paths.state``. One process only."""
-    if world_size != 1:
-        raise ValueError("the contrastive method trains in one process (its prototypes are not synchronised); "
-                         f"got {world_size}")
-    launch_training(_contrastive_train, (inputs, paths, settings, run_settings), settings.training.batch_size,
-                    device, 1)
+    launch_one_process(_contrastive_train, (inputs, paths, settings, run_settings), settings.training, device,
+                       world_size, "the contrastive method", "its momentum prototypes are")
 
 
 def _contrastive_train(context: DistributedContext, job: tuple[ContrastiveInputs, RunPaths,

@@ -46,9 +46,10 @@ from bismap.methods.cpsl import (CpslSettings, class_balanced_sample, class_dist
                                  update_class_distribution)
 from bismap.methods.proda import rectify_pseudo_labels
 from bismap.methods.prototypes import centroids_from_sums
-from bismap.training.adaptation import AdaptationRun, Batch, DomainData, pixel_mean, seeded_start, train_and_save
+from bismap.training.adaptation import (AdaptationRun, Batch, DomainData, WarmupInputs, launch_one_process, pixel_mean,
+                                        seeded_start, train_and_save)
 from bismap.training.checkpoint import fingerprint
-from bismap.training.distributed import DistributedContext, launch_training, unwrap_model
+from bismap.training.distributed import DistributedContext, unwrap_model
 from bismap.training.ema import make_teacher, update_ema
 from bismap.training.optim import make_optimizer
 from bismap.training.selftrain import strong_view
@@ -65,11 +66,7 @@ class CpslTrainSettings:
     strong_augment: StrongAugmentSettings = field(default_factory=StrongAugmentSettings)
 
 
-@dataclass(frozen=True)
-class CpslInputs:
-    warmup_checkpoint: Path  # the initial student, the momentum network and the fixed P_ST
-    source_manifest: Path
-    target_manifest: Path
+CpslInputs = WarmupInputs  # the initial student, the momentum network and the fixed P_ST
 
 
 class SelfLabelingHead(torch.nn.Module):
@@ -194,9 +191,8 @@ class CpslStep:
 def cpsl_train(inputs: CpslInputs, paths: RunPaths, settings: CpslTrainSettings, device: torch.device,
                run_settings: dict[str, Any], world_size: int = 1) -> None:
     """Train and write the checkpoint and loss log; resumable from ``paths.state``. One process only."""
-    if world_size != 1:
-        raise ValueError(f"CPSL trains in one process (its memory bank is not synchronised); got {world_size}")
-    launch_training(_cpsl_train, (inputs, paths, settings, run_settings), settings.training.batch_size, device, 1)
+    launch_one_process(_cpsl_train, (inputs, paths, settings, run_settings), settings.training, device, world_size,
+                       "CPSL", "its memory bank is")
 
 
 def _cpsl_train(context: DistributedContext, job: tuple[CpslInputs, RunPaths, CpslTrainSettings,

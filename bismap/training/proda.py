@@ -38,9 +38,10 @@ from bismap.methods.proda import (ProdaSettings, prototype_weights, pseudo_label
                                   rectify_pseudo_labels, regularization_pixels, structure_kl_pixels,
                                   update_prototypes)
 from bismap.methods.prototypes import centroids_from_sums
-from bismap.training.adaptation import AdaptationRun, Batch, DomainData, pixel_mean, seeded_start, train_and_save
+from bismap.training.adaptation import (AdaptationRun, Batch, DomainData, WarmupInputs, launch_one_process, pixel_mean,
+                                        seeded_start, train_and_save)
 from bismap.training.checkpoint import fingerprint
-from bismap.training.distributed import DistributedContext, launch_training, unwrap_model
+from bismap.training.distributed import DistributedContext, unwrap_model
 from bismap.training.ema import make_teacher, update_ema
 from bismap.training.optim import make_optimizer
 from bismap.training.selftrain import strong_view
@@ -57,11 +58,7 @@ class ProdaTrainSettings:
     strong_augment: StrongAugmentSettings = field(default_factory=StrongAugmentSettings)
 
 
-@dataclass(frozen=True)
-class ProdaInputs:
-    warmup_checkpoint: Path  # the initial student, the momentum encoder and the fixed p_{t,0}
-    source_manifest: Path
-    target_manifest: Path
+ProdaInputs = WarmupInputs  # the initial student, the momentum encoder and the fixed p_{t,0}
 
 
 class PrototypeBank(torch.nn.Module):
@@ -132,9 +129,8 @@ class ProdaStep:
 def proda_train(inputs: ProdaInputs, paths: RunPaths, settings: ProdaTrainSettings, device: torch.device,
                 run_settings: dict[str, Any], world_size: int = 1) -> None:
     """Train and write the checkpoint and loss log; resumable from ``paths.state``. One process only."""
-    if world_size != 1:
-        raise ValueError(f"ProDA trains in one process (its prototype update is not synchronised); got {world_size}")
-    launch_training(_proda_train, (inputs, paths, settings, run_settings), settings.training.batch_size, device, 1)
+    launch_one_process(_proda_train, (inputs, paths, settings, run_settings), settings.training, device, world_size,
+                       "ProDA", "its prototype update is")
 
 
 def _proda_train(context: DistributedContext, job: tuple[ProdaInputs, RunPaths, ProdaTrainSettings,
