@@ -170,8 +170,14 @@ def full_bismap_variant():
 def method_rows():
     """The family table's rows (bismap.report.methods): report row -> method, in the report's order."""
     methods = {"warmup": "source"}
-    methods.update({f"selftrain_{name}": variant["method"] for name, variant in selftrain_variants().items()
-                    if variant["method"] != "bismap"})
+    for name, variant in selftrain_variants().items():
+        if variant["method"] == "cag":  # one row per stage, each with its paper number (CAG-UDA Table 4)
+            stages = variant_rounds(name)
+            for stage in range(1, stages + 1):
+                model = f"selftrain_{name}" if stage == stages else round_model(name, stage)
+                methods[model] = "cag" if stage == 1 else f"cag_stage_{stage}"
+        elif variant["method"] != "bismap":
+            methods[f"selftrain_{name}"] = variant["method"]
     if full_bismap_variant():
         methods[f"selftrain_{full_bismap_variant()}"] = "bismap"
     if distill_enabled():
@@ -331,9 +337,9 @@ def selftrain_variants():
             raise WorkflowError(f"selftrain.variants: name '{variant['name']}' is used twice")
         settings = {**VARIANT_DEFAULTS, **{key: value for key, value in variant.items() if key != "name"}}
         if settings["method"] != "bismap" and (settings["maps"] or settings["stm"] or settings["consistency"]
-                                               or settings["rounds"] != 1):
+                                               or (settings["rounds"] != 1 and settings["method"] != "cag")):
             raise WorkflowError(f"selftrain variant '{variant['name']}' (method {settings['method']}): maps, stm, "
-                                "consistency and rounds belong to method bismap")
+                                "consistency and rounds belong to method bismap (rounds also to cag: its stages)")
         variants[variant["name"]] = settings
     return variants
 
@@ -389,9 +395,10 @@ def round_model(variant, round_number):
     return f"selftrain_{variant}_round_{round_number}"
 
 
-def earlier_rounds():
-    """(variant, round) of every round before a variant's last, in the config's order."""
-    return [(name, round_number) for name in selftrain_variants() for round_number in range(1, variant_rounds(name))]
+def earlier_rounds(method=None):
+    """(variant, round) of every round before a variant's last, in the config's order; only ``method``'s if given."""
+    return [(name, round_number) for name, variant in selftrain_variants().items()
+            for round_number in range(1, variant_rounds(name)) if method in (None, variant["method"])]
 
 
 def round_label_settings():
@@ -412,13 +419,17 @@ def selftrain_initial_inputs(wildcards):
     if round_number > variant_rounds(wildcards.variant):
         raise WorkflowError(f"selftrain round {round_number} of variant '{wildcards.variant}', which has "
                             f"{variant_rounds(wildcards.variant)} round(s)")
+    method = selftrain_variant(wildcards.variant)["method"]
     if round_number > 1:
-        previous = run_path("checkpoints", "rounds", f"{round_model(wildcards.variant, round_number - 1)}.pt",
-                            seed=wildcards.seed)
-        labels = label_shard_folders("rounds", f"{wildcards.variant}_round_{round_number - 1}", seed=wildcards.seed)
+        previous_round = f"{wildcards.variant}_round_{round_number - 1}"
+        previous = run_path("checkpoints", "rounds", f"selftrain_{previous_round}.pt", seed=wildcards.seed)
+        if method == "cag":  # CAG-UDA's next stage: anchors and anchor labels of the previous stage's model
+            return {"initial": previous, "prototypes": run_path("maps", "rounds", previous_round, "prototypes.h5",
+                                                                seed=wildcards.seed),
+                    "pseudo_labels": label_shard_folders("cag_rounds", previous_round, seed=wildcards.seed)}
+        labels = label_shard_folders("rounds", previous_round, seed=wildcards.seed)
         return {"initial": previous, "pseudo_labels": labels}
     warmup = run_path("checkpoints", "warmup.pt", seed=wildcards.seed)
-    method = selftrain_variant(wildcards.variant)["method"]
     if method in ("proda", "cpsl"):  # make their labels while they train
         return {"initial": warmup}
     if method == "cag":  # the anchor labels, and the anchors (the MAPs file's class centroids)
@@ -531,9 +542,13 @@ def stage_jobs():
                     source_distance_statistics=stm_shard_names, source_transferability=stm_shard_names,
                     merge_source_transferability=[""])
     jobs["selftrain"] = list(selftrain_variants())
-    rounds = [f"{variant}_round_{round_number}" for variant, round_number in earlier_rounds()]
-    jobs["selftrain_round"] = rounds
+    jobs["selftrain_round"] = [f"{variant}_round_{round_number}" for variant, round_number in earlier_rounds()]
+    rounds = [f"{variant}_round_{round_number}" for variant, round_number in earlier_rounds("bismap")]
     jobs["round_pseudo_labels"] = [f"{name}_{shard}" for name in rounds for shard in shards]
+    stages = [f"{variant}_round_{round_number}" for variant, round_number in earlier_rounds("cag")]
+    jobs.update(stage_source_features=stages, stage_merge_class_gmms=stages,
+                stage_fit_class_gmm=[f"{name}_job_{job}" for name in stages for job in range(len(gmm_job_classes()))],
+                stage_anchor_labels=[f"{name}_{shard}" for name in stages for shard in shards])
     if distill_enabled():
         jobs.update(teacher_pseudo_labels=shards, distill=[""])
     jobs.update(evaluate=evaluated_models(), qualitative_figure=[""], report=[""])

@@ -84,3 +84,82 @@ use rule pseudo_labels as round_pseudo_labels with:
         log_path("round_pseudo_labels", "{variant}_round_{round}_shard_{shard}"),
     benchmark:
         benchmark_path("round_pseudo_labels", "{variant}_round_{round}_shard_{shard}")
+
+
+# CAG-UDA's stages (method cag with rounds R > 1, Algorithm 1): stage s + 1
+# starts from stage s's model, with the category anchors (Eq. 4) and the anchor
+# labels (Eq. 5-7) recomputed by that model at the start of the stage. The
+# anchors come out of the MAPs chain run on stage s's checkpoint (its class
+# centroids), the labels out of the 'cas' strategy with them.
+#
+#   rounds/selftrain_<v>_round_<s>.pt --stage_source_features, stage_fit_class_gmm,
+#     stage_merge_class_gmms--> maps/rounds/<v>_round_<s>/prototypes.h5
+#     --stage_anchor_labels--> pseudo_labels/cag_rounds/<v>_round_<s>/shard_*
+use rule extract_source_features as stage_source_features with:
+    input:
+        unpack(gpa_inputs),
+        checkpoint=run_path("checkpoints", "rounds", "selftrain_{variant}_round_{round}.pt"),
+        manifest=run_path("manifests", "source.json"),
+    output:
+        features=run_path("maps", "rounds", "{variant}_round_{round}", "source_features.h5"),
+    wildcard_constraints:
+        variant="[a-z][a-z0-9_]*",
+        round=r"\d+",
+    log:
+        log_path("stage_source_features", "{variant}_round_{round}"),
+    benchmark:
+        benchmark_path("stage_source_features", "{variant}_round_{round}")
+
+
+use rule fit_class_gmm as stage_fit_class_gmm with:
+    input:
+        features=run_path("maps", "rounds", "{variant}_round_{round}", "source_features.h5"),
+    output:
+        gmms=directory(run_path("maps", "rounds", "{variant}_round_{round}", "gmm", "job_{gmm_job}")),
+    wildcard_constraints:
+        variant="[a-z][a-z0-9_]*",
+        round=r"\d+",
+        gmm_job=r"\d+",
+    log:
+        log_path("stage_fit_class_gmm", "{variant}_round_{round}_job_{gmm_job}"),
+    benchmark:
+        benchmark_path("stage_fit_class_gmm", "{variant}_round_{round}_job_{gmm_job}")
+
+
+use rule merge_class_gmms as stage_merge_class_gmms with:
+    input:
+        gmms=expand(run_path("maps", "rounds", "{variant}_round_{round}", "gmm", "job_{gmm_job}"),
+                    gmm_job=range(len(gmm_job_classes())), allow_missing=True),
+        features=run_path("maps", "rounds", "{variant}_round_{round}", "source_features.h5"),
+    output:
+        prototypes=run_path("maps", "rounds", "{variant}_round_{round}", "prototypes.h5"),
+    wildcard_constraints:
+        variant="[a-z][a-z0-9_]*",
+        round=r"\d+",
+    log:
+        log_path("stage_merge_class_gmms", "{variant}_round_{round}"),
+    benchmark:
+        benchmark_path("stage_merge_class_gmms", "{variant}_round_{round}")
+
+
+use rule pseudo_labels as stage_anchor_labels with:
+    input:
+        checkpoint=run_path("checkpoints", "rounds", "selftrain_{variant}_round_{round}.pt"),
+        prototypes=run_path("maps", "rounds", "{variant}_round_{round}", "prototypes.h5"),
+        manifest=run_path("manifests", "target_train.json"),
+    output:
+        labels=directory(run_path("pseudo_labels", "cag_rounds", "{variant}_round_{round}", "shard_{shard}")),
+        statistics=run_path("pseudo_labels", "cag_rounds", "{variant}_round_{round}", "shard_{shard}.json"),
+    params:
+        settings=pseudo_label_settings("cas"),
+        shard_index=lambda wildcards: int(wildcards.shard),
+        shard_count=len(maps_shards()),
+        code_version=CODE_VERSION,
+    wildcard_constraints:
+        variant="[a-z][a-z0-9_]*",
+        round=r"\d+",
+        shard=r"\d+",
+    log:
+        log_path("stage_anchor_labels", "{variant}_round_{round}_shard_{shard}"),
+    benchmark:
+        benchmark_path("stage_anchor_labels", "{variant}_round_{round}_shard_{shard}")

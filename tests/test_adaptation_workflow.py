@@ -151,9 +151,11 @@ FAMILY = ("proda", "cpsl", "contrastive", "cag")
 def test_the_family_variants_run_without_maps_labels_or_stm(tmp_path):
     """Their own run (the shared tiny run stays as it is). ProDA and CPSL need the warmup only; the contrastive
     method the baseline labels as static labels (2 shards); CAG-UDA the MAPs file's class centroids (features and
-    GMM jobs) and its anchor labels ('cas', 2 shards), not the MAPs labels."""
+    GMM jobs) and its anchor labels ('cas', 2 shards), not the MAPs labels; its second stage the same again, made
+    with its first stage's model."""
     config = tiny_config(tmp_path / "results")
     config["selftrain"]["variants"] = [{"name": name, "method": name} for name in FAMILY]
+    config["selftrain"]["variants"][-1]["rounds"] = 2  # CAG-UDA's second stage: anchors and labels of the first
     for stage in ("maps", "pseudo_label_report", "stm", "distill", "oracle"):
         config[stage]["enabled"] = False
     results = seed_results(tmp_path / "results")
@@ -162,9 +164,15 @@ def test_the_family_variants_run_without_maps_labels_or_stm(tmp_path):
     output = run_snakemake(tmp_path, configfile, "-n", *targets).stdout
     assert planned_jobs(output) == {"make_digit_scenes": 3, "index_dataset": 3, "warmup": 1,
                                     "extract_source_features": 1, "fit_class_gmm": 2, "merge_class_gmms": 1,
-                                    "pseudo_labels": 4, "selftrain": 4, "evaluate": 4}
+                                    "pseudo_labels": 4, "selftrain": 4, "evaluate": 4, "selftrain_round": 1,
+                                    "stage_source_features": 1, "stage_fit_class_gmm": 2, "stage_merge_class_gmms": 1,
+                                    "stage_anchor_labels": 2}
     assert re.search(r"wildcards: seed=0, labels=cas, shard=1", output)
     assert re.search(r"wildcards: seed=0, labels=baseline, shard=1", output)
+    stage_two = next(block for block in output.split("\n\n")  # the job block of the last stage's training
+                     if "rule selftrain:" in block and re.search(r"wildcards: seed=0, variant=cag$", block, re.M))
+    assert "rounds/selftrain_cag_round_1.pt" in stage_two and "maps/rounds/cag_round_1/prototypes.h5" in stage_two
+    assert "pseudo_labels/cag_rounds/cag_round_1/shard_0" in stage_two
     run_snakemake(tmp_path, configfile, *targets)
     headers = {name: (results / "training" / f"selftrain_{name}_loss.tsv").read_text().splitlines()[0].split("\t")
                for name in FAMILY}

@@ -146,6 +146,6 @@ def test_methods_side_by_side_with_per_class_iou_and_the_papers_number(three_see
     assert "| BiSMAP self-training (paper 000) | selftrain_bismap | 50.0 ± 10.0 |" in table
     effects = markdown.split("## Effect of each component")[1].split("##")[0]
     assert "selftrain_cpsl" not in effects and "| selftrain_bismap |" in effects
-    with pytest.raises(KeyError, match="no paper result for method"):
+    with pytest.raises(KeyError, match="no paper result for method 'dann'"):
         write_seed_summary(three_seeds, {}, ["warmup"], {}, tmp_path / "x.md", tmp_path / "x.json",
                            methods={"warmup": "dann"})

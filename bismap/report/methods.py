@@ -32,16 +32,31 @@ PAPER_RESULTS = {
     "contrastive": PaperResult("bi-directional contrastive (paper 003)", 57.1,
                                "its Table 1, with its self-distillation"),
     "cag": PaperResult("CAG-UDA stage 1 (paper 004)", 47.2, "CAG-UDA Table 4, stage 1"),
+    "cag_stage_2": PaperResult("CAG-UDA stage 2 (paper 004)", 49.5, "CAG-UDA Table 4, stage 2"),
+    "cag_stage_3": PaperResult("CAG-UDA stage 3 (paper 004)", 50.2, "CAG-UDA Table 4, stage 3"),
     "oracle": PaperResult("target oracle", None, ""),
 }
-FAMILY_METHODS = ("proda", "cpsl", "contrastive", "cag")  # rows outside BiSMAP's own component tables
+FAMILY_METHODS = ("proda", "cpsl", "contrastive", "cag")  # the other papers: rows outside BiSMAP's own tables
+
+
+def paper_result(method: str) -> PaperResult:
+    """The row title and paper number of ``method``; CAG-UDA stages past the paper's three have no number."""
+    if method in PAPER_RESULTS:
+        return PAPER_RESULTS[method]
+    stage = method.removeprefix("cag_stage_")
+    if stage.isdigit():
+        return PaperResult(f"CAG-UDA stage {stage} (paper 004)", None, "")
+    raise KeyError(f"no paper result for method '{method}'; known: {sorted(PAPER_RESULTS)}")
+
+
+def is_family_method(method: str | None) -> bool:
+    """A row of another paper of the family (ProDA, CPSL, contrastive, any CAG-UDA stage)."""
+    return method in FAMILY_METHODS or (method or "").startswith("cag_stage_")
 
 
 def method_table(rows: Mapping[str, Mapping[str, Any]], methods: Mapping[str, str]) -> str:
     """Markdown: method, row, per-class IoU, mIoU, % of the gap closed (mean ± std cells), the paper's mIoU."""
-    unknown = sorted(set(methods.values()) - set(PAPER_RESULTS))
-    if unknown:
-        raise KeyError(f"no paper result for method(s) {unknown}; known: {sorted(PAPER_RESULTS)}")
+    papers = {model: paper_result(method) for model, method in methods.items()}
     shown = [model for model in methods if model in rows]
     if not shown:
         return "No method rows.\n"
@@ -49,7 +64,7 @@ def method_table(rows: Mapping[str, Mapping[str, Any]], methods: Mapping[str, st
     lines = ["| method | row | " + " | ".join(classes) + " | mIoU | gap closed % | paper mIoU (GTA5 → Cityscapes) |",
              "|" + "---|" * (len(classes) + 5)]
     for model in shown:
-        paper = PAPER_RESULTS[methods[model]]
+        paper = papers[model]
         reference = f"{paper.miou:.1f} ({paper.source})" if paper.miou is not None else ""
         cells = [format_stat(rows[model]["per_class_iou"][name]) for name in classes]
         lines.append(f"| {paper.title} | {model} | " + " | ".join(cells)

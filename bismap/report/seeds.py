@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from bismap.io import read_json, write_json, write_text
-from bismap.report.methods import FAMILY_METHODS, method_table
+from bismap.report.methods import is_family_method, method_table
 from bismap.report.spread import format_stat, mean_std
 from bismap.report.stage_times import stage_table, stage_times
 from bismap.report.tables import COMPONENT_HEADER, COMPONENT_TITLES, COMPONENTS, component_cells
@@ -114,7 +114,7 @@ def write_seed_summary(summary_paths: Mapping[int, str | Path], benchmarks: Mapp
              "'—': undefined with one seed. Reports of each seed: "
              + ", ".join(f"[seed {seed}]({_relative(Path(path).with_suffix('.md'), markdown_path)})"
                          for seed, path in summary_paths.items()) + ".\n")
-    ablation = [model for model in models if methods.get(model) not in FAMILY_METHODS]
+    ablation = [model for model in models if not is_family_method(methods.get(model))]
     text += "\n## Components (BiSMAP Table 4)\n\n" + component_table({model: rows[model] for model in ablation},
                                                                       components)
     text += ("\n## Effect of each component\n\nEach row minus the row before it, per seed, then mean ± std "

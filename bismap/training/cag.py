@@ -11,8 +11,12 @@ them and the margin Delta_d. Per iteration the loss is Eq. 12::
 with the anchor distance of source pixels (ground truth, Eq. 8) and of active
 target pixels (their anchor labels, Eq. 10), the cross-entropy on the anchor
 labels (Eq. 9) and on the student's own predictions of softmax >= P_0 (Eq. 11).
-Only the first stage of Algorithm 1 runs: renewing the anchors and labels with
-the stage's model is the variant's ``rounds``, which this method does not take yet.
+One call trains one stage of Algorithm 1. The stages are the variant's
+``rounds`` (rules/selftrain.smk): stage s + 1 starts from stage s's model,
+with anchors and anchor labels that model recomputes (the paper computes both
+at the start of each stage and keeps them fixed within it). The anchors are
+the class centroids of the source pixels the stage's model classifies
+correctly (the MAPs feature sample); Eq. 4 averages all source pixels of a class.
 """
 
 from __future__ import annotations
