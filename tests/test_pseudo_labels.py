@@ -16,7 +16,7 @@ from bismap.data.loading import Manifest, SegmentationDataset
 from bismap.labels.features import downsample_label, write_features
 from bismap.labels.gmm import ClassPrototypes, GaussianMixture, GMMSettings, fit_class_gmm, merge_class_gmms
 from bismap.labels.strategies import (PseudoLabelSettings, assign_cas, assign_confidence, assign_confidence_balanced,
-                                      assign_maps, label_images, merge_label_statistics, resolve_thresholds,
+                                      assign_maps, label_images, label_map, merge_label_statistics, resolve_thresholds,
                                       upsample_labels)
 from bismap.models import ModelSettings, build_model
 from bismap.settings import from_dict
@@ -52,6 +52,18 @@ def test_maps_assigns_argmax_and_ignores_below_delta():
     np.testing.assert_allclose(scores.numpy(), expected, rtol=1e-12)
     # (5, 0): as close to both means, but class 2's wider Gaussian is denser there (-6.35 vs -14.34)
     assert labels.tolist() == [0, 2, 2, 255]  # (0, 9): max log-density -25.85 (class 2) < delta = -12
+
+
+def test_classifier_agreement_keeps_only_the_maps_labels_the_classifier_shares():
+    """The first three pixels get MAPs labels 0, 2, 2 (as above); the classifier says 0, 0, 2: the middle one goes."""
+    features = torch.tensor([[0.0, 10.0, 5.0], [0.0, 1.0, 0.0]], dtype=torch.float64)[:, None]  # (D=2, h=1, w=3)
+    logits = torch.tensor([[3.0, 2.0, 0.0], [0.0, 0.0, 0.0], [0.0, 1.0, 4.0]])[:, None]  # (K=3, 1, 3): argmax 0, 0, 2
+    thresholds = torch.full((3,), -12.0, dtype=torch.float64)
+    plain, agreeing = (label_map(logits, features, PseudoLabelSettings(classifier_agreement=agree, score_dtype="float64"),
+                                 toy_prototypes(), thresholds) for agree in (False, True))
+    assert plain.tolist() == [[0, 2, 2]] and agreeing.tolist() == [[0, 255, 2]]
+    with pytest.raises(ValueError, match="classifier_agreement needs strategy maps"):
+        PseudoLabelSettings(strategy="confidence", classifier_agreement=True)
 
 
 def test_absent_class_is_never_assigned():

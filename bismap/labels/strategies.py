@@ -60,6 +60,7 @@ class PseudoLabelSettings:
     threshold_mode: str = "absolute"  # maps: 'absolute' (delta) or 'percentile'
     delta: float = 100.0  # maps, absolute: BiSMAP Eq. 6 (100 GTA5, -50 SYNTHIA)
     percentile: float = 20.0  # maps, percentile: of each class's own source log-densities (0-100)
+    classifier_agreement: bool = False  # maps: keep a label only where the classifier's argmax agrees (not Eq. 6)
     margin: float = 1.0  # cas: CAG-UDA Delta_d (BiSMAP Table 5: 0.5-2)
     confidence: float = 0.9  # confidence: minimum softmax maximum
     fraction: float = 0.5  # confidence_balanced: share kept per predicted class and image
@@ -80,6 +81,8 @@ class PseudoLabelSettings:
                              f"got '{self.threshold_mode}'")
         if self.resolution not in RESOLUTIONS:
             raise ValueError(f"pseudo_labels.resolution must be one of {RESOLUTIONS}, got '{self.resolution}'")
+        if self.classifier_agreement and self.strategy != "maps":
+            raise ValueError(f"pseudo_labels.classifier_agreement needs strategy maps, not '{self.strategy}'")
         if self.flip_average and not self.strategy.startswith("confidence"):
             raise ValueError(f"pseudo_labels.flip_average needs a confidence strategy, not '{self.strategy}'")
         if not 0.0 <= self.fraction <= 1.0 or not 0.0 <= self.percentile <= 100.0:
@@ -154,6 +157,8 @@ def label_map(logits: torch.Tensor, features: torch.Tensor, settings: PseudoLabe
     dtype, chunk = torch_dtype(settings.score_dtype), settings.chunk_rows
     if settings.strategy == "maps":
         labels, _ = assign_maps(rows, prototypes, thresholds, dtype, chunk)
+        if settings.classifier_agreement:  # the density and the classifier must name the same class
+            labels = _keep(labels, labels == logits.flatten(1).argmax(dim=0))
     elif settings.strategy == "cas":
         labels, _ = assign_cas(rows, prototypes.centroids, settings.margin, dtype, chunk)
     elif settings.strategy == "confidence":
