@@ -111,6 +111,20 @@ def test_paper_config_plans_gpu_jobs_and_gpa(source, dataset_roots, tmp_path):
     assert not (tmp_path / "results").exists()
 
 
+def test_the_family_in_a_paper_config_plans_gpu_jobs_with_the_papers_margin(dataset_roots, tmp_path):
+    """The four methods added to the GTA5 config as its comments say: one GPU job each (CAG-UDA: three stages,
+    the later two on anchors and labels of the previous stage's model), anchor labels with Delta_d = 2.5."""
+    config = paper_config("gta5", dataset_roots, tmp_path / "results", None)
+    config["selftrain"]["variants"] += [{"name": "proda", "method": "proda"}, {"name": "cpsl", "method": "cpsl"},
+                                        {"name": "contrastive", "method": "contrastive"},
+                                        {"name": "cag", "method": "cag", "rounds": 3}]
+    result = run_snakemake(tmp_path, write_config(tmp_path / "family.yaml", config), "-n", "-p")
+    jobs = planned_jobs(result.stdout)
+    assert jobs["selftrain"] == 5 and jobs["selftrain_round"] == 2 and jobs["stage_anchor_labels"] == 2 * 4
+    assert re.search(r"resources: .*\bgpu=1\b", job_block(result.stdout, "selftrain_round"))
+    assert config["selftrain"]["cag"]["margin"] == 2.5 and config["selftrain"]["cpsl"]["consistency_weight"] == 5.0
+
+
 def test_gpa_disabled_leaves_it_out_of_the_plan(dataset_roots, tmp_path):
     config = paper_config("gta5", dataset_roots, tmp_path / "results", None)
     config["gpa"]["enabled"] = False
