@@ -14,12 +14,15 @@ from bismap.data.index import index_dataset
 from bismap.data.loading import AugmentSettings, Manifest
 from bismap.io import shard_png_paths, write_png
 from bismap.models import ModelSettings
+from bismap.settings import SettingsError
 from bismap.stm.weights import encode_weight_png
 from bismap.training.checkpoint import load_model
 from bismap.training.distill import DistillInputs, DistillSettings, distill
 from bismap.training.optim import OptimizerSettings
 from bismap.training.selftrain import SelfTrainInputs, SelfTrainSettings, SelfTrainStep, self_train
+from bismap.training.contrastive import ContrastiveInputs, contrastive_train
 from bismap.training.supervised import RunPaths, TrainSettings, train_supervised
+from bismap.training.variants import variant_training
 from tests.conftest import dies_on_call
 from tests.test_training import CLASSES, MODEL
 
@@ -170,3 +173,18 @@ def test_student_takes_a_self_supervised_backbone_in_any_accepted_layout(data, t
     with pytest.raises(CheckpointLayoutError, match="layer9.weight"):
         make_student(dataclasses.replace(student_inputs, student_checkpoint=tmp_path / "bad.pt"),
                      DistillSettings(training=TRAINING), torch.device("cpu"))
+
+
+def test_a_variant_gets_its_methods_loop_inputs_and_typed_settings(data):
+    """bismap.training.variants: the rule's named inputs become each method's inputs; unknown names fail."""
+    folder = data["folder"]
+    files = {"initial": str(folder / "warmup.pt"), "source_manifest": str(folder / "source.json"),
+             "target_manifest": str(folder / "target_train.json"), "pseudo_labels": [str(p) for p in data["labels"]]}
+    training = {**dataclasses.asdict(TRAINING), "iterations": 7}
+    train, inputs, settings = variant_training("contrastive", files, {"training": training}, "mine")
+    assert train is contrastive_train and isinstance(inputs, ContrastiveInputs)
+    assert inputs.static_label_dirs == data["labels"] and settings.training.iterations == 7
+    with pytest.raises(ValueError, match="variant 'mine': unknown method 'dann'"):
+        variant_training("dann", files, {}, "mine")
+    with pytest.raises(SettingsError, match="selftrain \\(mine, cpsl\\).cpsl: unknown key\\(s\\) \\['epsilonn'\\]"):
+        variant_training("cpsl", files, {"training": training, "cpsl": {"epsilonn": 1.0}}, "mine")
