@@ -59,8 +59,8 @@ def test_classifier_agreement_keeps_only_the_maps_labels_the_classifier_shares()
     features = torch.tensor([[0.0, 10.0, 5.0], [0.0, 1.0, 0.0]], dtype=torch.float64)[:, None]  # (D=2, h=1, w=3)
     logits = torch.tensor([[3.0, 2.0, 0.0], [0.0, 0.0, 0.0], [0.0, 1.0, 4.0]])[:, None]  # (K=3, 1, 3): argmax 0, 0, 2
     thresholds = torch.full((3,), -12.0, dtype=torch.float64)
-    plain, agreeing = (label_map(logits, features, PseudoLabelSettings(classifier_agreement=agree, score_dtype="float64"),
-                                 toy_prototypes(), thresholds) for agree in (False, True))
+    settings = [PseudoLabelSettings(classifier_agreement=agree, score_dtype="float64") for agree in (False, True)]
+    plain, agreeing = (label_map(logits, features, each, toy_prototypes(), thresholds) for each in settings)
     assert plain.tolist() == [[0, 2, 2]] and agreeing.tolist() == [[0, 255, 2]]
     with pytest.raises(ValueError, match="classifier_agreement needs strategy maps"):
         PseudoLabelSettings(strategy="confidence", classifier_agreement=True)

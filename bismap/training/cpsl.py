@@ -164,8 +164,8 @@ class CpslStep:
         return {"loss": loss, **terms}
 
     @torch.no_grad()
-    def _self_labels(self, images: torch.Tensor, iteration: int) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor],
-                                                          torch.Tensor]:
+    def _self_labels(self, images: torch.Tensor,
+                     iteration: int) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], torch.Tensor]:
         """Eq. 1, 8-12 on the weak view: labels Y (b, h, w), cluster logits (b, K, h, w), sampled pixels, their q."""
         cpsl = self.settings.cpsl
         momentum = self.momentum(images)
