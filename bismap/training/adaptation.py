@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from bismap.data.loading import Manifest, ResumableBatchSampler, SegmentationDataset, train_augmentation
 from bismap.io import write_text
-from bismap.losses import PixelLosses, masked_mean, masked_sum
+from bismap.losses import PixelLosses, masked_mean, masked_sum, weighted_cross_entropy_pixels
 from bismap.training.checkpoint import load_model, load_resume_state, save_checkpoint, save_resume_state
 from bismap.training.distributed import (DistributedContext, RankSliceBatchSampler, all_reduce_mean, capture_rng,
                                          global_mean_loss, launch_training, restore_rng, seed_rank_rng, unwrap_model,
@@ -91,6 +91,17 @@ def pixel_mean(pixels: PixelLosses, context: DistributedContext) -> torch.Tensor
     if not context.distributed:
         return masked_mean(*pixels)
     return global_mean_loss(*masked_sum(*pixels), context)
+
+
+def upsample_to(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(b, K, h, w) logits bilinearly to the (b, H, W) labels' size: (b, K, H, W)."""
+    return torch.nn.functional.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
+
+
+def image_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, context: DistributedContext,
+                        weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Cross-entropy at label resolution over the labelled pixels of the global batch (per-pixel ``weights``)."""
+    return pixel_mean(weighted_cross_entropy_pixels(upsample_to(logits, labels), labels, weights), context)
 
 
 @dataclass

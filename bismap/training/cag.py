@@ -27,14 +27,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.nn import functional as F
 
 from bismap.io import shard_png_paths
 from bismap.labels.gmm import ClassPrototypes
 from bismap.losses import weighted_cross_entropy_pixels
 from bismap.methods.cag import CagSettings, anchor_distance_pixels, probability_pseudo_labels
 from bismap.methods.prototypes import labels_at_feature_size
-from bismap.training.adaptation import AdaptationRun, Batch, DomainData, pixel_mean, seeded_start, train_and_save
+from bismap.training.adaptation import (AdaptationRun, Batch, DomainData, image_cross_entropy, pixel_mean,
+                                        seeded_start, train_and_save)
 from bismap.training.checkpoint import fingerprint
 from bismap.training.distributed import DistributedContext, launch_training
 from bismap.training.optim import make_optimizer
@@ -84,10 +84,10 @@ class CagStep:
         anchor_labels = target["label"].to(self.device)  # (b, H, W), active pixels only
         size = tuple(features[0].shape[-2:])
         probability_labels, _ = probability_pseudo_labels(logits[1].detach(), self.settings.probability_threshold)
-        terms = {"source_ce": self._ce(logits[0], source_labels),
+        terms = {"source_ce": image_cross_entropy(logits[0], source_labels, self.context),
                  "source_distance": self._distance(features[0], labels_at_feature_size(source_labels, size)),
                  "target_distance": self._distance(features[1], labels_at_feature_size(anchor_labels, size)),
-                 "target_ce": self._ce(logits[1], anchor_labels),
+                 "target_ce": image_cross_entropy(logits[1], anchor_labels, self.context),
                  "probability_ce": pixel_mean(weighted_cross_entropy_pixels(logits[1], probability_labels),
                                               self.context)}
         loss = terms["source_ce"] + self.settings.distance_weight * (terms["source_distance"]
@@ -97,10 +97,6 @@ class CagStep:
         loss.backward()
         self.optimizer.step()
         return {"loss": loss, **terms}
-
-    def _ce(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        upsampled = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
-        return pixel_mean(weighted_cross_entropy_pixels(upsampled, labels), self.context)
 
     def _distance(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return pixel_mean(anchor_distance_pixels(features, labels, self.anchors), self.context)  # Eq. 8 / 10

@@ -37,7 +37,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.nn import functional as F
 
 from bismap.data.samples import IGNORE_INDEX
 from bismap.io import shard_png_paths
@@ -46,8 +45,8 @@ from bismap.methods.contrastive import (ContrastiveSettings, backward_contrastiv
                                         dynamic_pseudo_labels, entropy_pixels, forward_contrastive_pixels,
                                         hybrid_pseudo_labels)
 from bismap.methods.prototypes import absent_classes, class_centroids, labels_at_feature_size, momentum_update
-from bismap.training.adaptation import (AdaptationRun, Batch, DomainData, launch_one_process, pixel_mean, seeded_start,
-                                        train_and_save)
+from bismap.training.adaptation import (AdaptationRun, Batch, DomainData, image_cross_entropy, launch_one_process,
+                                        pixel_mean, seeded_start, train_and_save)
 from bismap.training.checkpoint import fingerprint
 from bismap.training.distributed import DistributedContext
 from bismap.training.optim import make_optimizer
@@ -103,8 +102,7 @@ class ContrastiveStep:
         target_prototypes = class_centroids(target_features.detach(), hybrid, len(source_prototypes))  # rho_T, Eq. 1
         self.momentum.target.copy_(momentum_update(self.momentum.target, target_prototypes,
                                                    settings.prototype_momentum))  # Eq. 5
-        upsampled = F.interpolate(logits[0], size=source_labels.shape[-2:], mode="bilinear", align_corners=False)
-        terms = {"source_ce": pixel_mean(weighted_cross_entropy_pixels(upsampled, source_labels), self.context),
+        terms = {"source_ce": image_cross_entropy(logits[0], source_labels, self.context),
                  "target_ce": pixel_mean(weighted_cross_entropy_pixels(logits[1], static), self.context),
                  "source_entropy": pixel_mean(entropy_pixels(logits[0]), self.context),
                  "target_entropy": pixel_mean(entropy_pixels(logits[1]), self.context),

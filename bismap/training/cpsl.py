@@ -46,13 +46,13 @@ from bismap.methods.cpsl import (CpslSettings, class_balanced_sample, class_dist
                                  update_class_distribution)
 from bismap.methods.proda import rectify_pseudo_labels
 from bismap.methods.prototypes import centroids_from_sums
-from bismap.training.adaptation import (AdaptationRun, Batch, DomainData, WarmupInputs, launch_one_process, pixel_mean,
-                                        seeded_start, train_and_save)
+from bismap.training.adaptation import (AdaptationRun, Batch, DomainData, WarmupInputs, image_cross_entropy,
+                                        launch_one_process, pixel_mean, seeded_start, train_and_save)
 from bismap.training.checkpoint import fingerprint
 from bismap.training.distributed import DistributedContext, unwrap_model
 from bismap.training.ema import make_teacher, update_ema
 from bismap.training.optim import make_optimizer
-from bismap.training.selftrain import strong_view
+from bismap.training.selftrain import three_view_forward
 from bismap.training.supervised import RunPaths, TrainSettings
 from bismap.training.target_pass import own_label_class_sums
 
@@ -137,18 +137,15 @@ class CpslStep:
         cpsl = self.settings.cpsl
         source_images = source["image"].to(self.device)  # (b, 3, H, W)
         target_images = target["image"].to(self.device)  # (b, 3, H, W)
-        strong, geometry = strong_view(target_images, self.settings.strong_augment, self.settings.training.seed,
-                                       iteration, self.context)
-        output = self.network(torch.cat([source_images, target_images, strong]))
-        logits = output.logits.split(len(source_images))  # each (b, K, h, w)
-        _, target_features, strong_features = output.features.split(len(source_images))  # each (b, D, h, w)
+        logits, features, geometry = three_view_forward(self.network, source_images, target_images,
+                                                        self.settings.strong_augment, self.settings.training.seed,
+                                                        iteration, self.context)  # each (b, K|D, h, w)
+        _, target_features, strong_features = features
         labels, weak_clusters, indices, assignments = self._self_labels(target_images, iteration)
         strong_clusters = cluster_logits(strong_features, self.momentum_head.weights, cpsl.temperature)
         scores = self_labeling_scores(pixel_rows(target_features, indices), self.head.weights)  # (M, K)
-        source_labels = source["label"].to(self.device)  # (b, H, W)
-        upsampled = F.interpolate(logits[0], size=source_labels.shape[-2:], mode="bilinear", align_corners=False)
         valid = geometry.valid(tuple(logits[2].shape[-2:]))  # (b, h, w)
-        terms = {"source_ce": pixel_mean(weighted_cross_entropy_pixels(upsampled, source_labels), self.context),
+        terms = {"source_ce": image_cross_entropy(logits[0], source["label"].to(self.device), self.context),
                  "target_ce": pixel_mean(weighted_cross_entropy_pixels(logits[1], labels), self.context),
                  "self_labeling": pixel_mean(self_labeling_loss_pixels(scores, assignments, cpsl.temperature),
                                              self.context),

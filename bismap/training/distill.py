@@ -29,14 +29,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.nn import functional as F
 
 from bismap.data.photometric import load_statistics
 from bismap.io import shard_png_paths
-from bismap.losses import kl_divergence_pixels, weighted_cross_entropy_pixels
+from bismap.losses import kl_divergence_pixels
 from bismap.models import build_model
 from bismap.stm.embeddings import check_state, torchvision_state
-from bismap.training.adaptation import AdaptationRun, Batch, DomainData, pixel_mean, train_and_save
+from bismap.training.adaptation import AdaptationRun, Batch, DomainData, image_cross_entropy, pixel_mean, train_and_save
 from bismap.training.checkpoint import fingerprint, load_model
 from bismap.training.distributed import DistributedContext, launch_training
 from bismap.training.ema import make_teacher
@@ -100,20 +99,14 @@ class DistillStep:
         source_logits, target_logits = logits.split(len(source_images))
         with torch.no_grad():
             teacher_logits = self.teacher(target_images).logits  # (b, K, H/4, W/4)
-        terms = {"source_ce": _ce(source_logits, source["label"].to(self.device), self.context),
-                 "target_ce": _ce(target_logits, target["label"].to(self.device), self.context),
+        terms = {"source_ce": image_cross_entropy(source_logits, source["label"].to(self.device), self.context),
+                 "target_ce": image_cross_entropy(target_logits, target["label"].to(self.device), self.context),
                  "kl": pixel_mean(kl_divergence_pixels(teacher_logits, target_logits), self.context)}
         loss = terms["source_ce"] + terms["target_ce"] + self.kl_weight * terms["kl"]
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()  # with N > 1, DDP averages the gradients
         self.optimizer.step()
         return {"loss": loss, **terms}
-
-
-def _ce(logits: torch.Tensor, labels: torch.Tensor, context: DistributedContext) -> torch.Tensor:
-    """Cross-entropy over the labelled pixels of the global batch. logits (b, K, h, w), labels (b, H, W)."""
-    upsampled = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
-    return pixel_mean(weighted_cross_entropy_pixels(upsampled, labels), context)
 
 
 def make_student(inputs: DistillInputs, settings: DistillSettings, device: torch.device) -> torch.nn.Module:

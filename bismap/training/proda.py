@@ -30,21 +30,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.nn import functional as F
 
 from bismap.data.strong_augment import StrongAugmentSettings
-from bismap.losses import weighted_cross_entropy_pixels
 from bismap.methods.proda import (ProdaSettings, prototype_weights, pseudo_label_loss_pixels,
                                   rectify_pseudo_labels, regularization_pixels, structure_kl_pixels,
                                   update_prototypes)
 from bismap.methods.prototypes import centroids_from_sums
-from bismap.training.adaptation import (AdaptationRun, Batch, DomainData, WarmupInputs, launch_one_process, pixel_mean,
-                                        seeded_start, train_and_save)
+from bismap.training.adaptation import (AdaptationRun, Batch, DomainData, WarmupInputs, image_cross_entropy,
+                                        launch_one_process, pixel_mean, seeded_start, train_and_save)
 from bismap.training.checkpoint import fingerprint
 from bismap.training.distributed import DistributedContext, unwrap_model
 from bismap.training.ema import make_teacher, update_ema
 from bismap.training.optim import make_optimizer
-from bismap.training.selftrain import strong_view
+from bismap.training.selftrain import three_view_forward
 from bismap.training.supervised import RunPaths, TrainSettings
 from bismap.training.target_pass import own_label_class_sums
 
@@ -90,16 +88,13 @@ class ProdaStep:
         proda = self.settings.proda
         source_images = source["image"].to(self.device)  # (b, 3, H, W)
         target_images = target["image"].to(self.device)  # (b, 3, H, W)
-        strong, geometry = strong_view(target_images, self.settings.strong_augment, self.settings.training.seed,
-                                       iteration, self.context)
-        output = self.network(torch.cat([source_images, target_images, strong]))
-        logits = output.logits.split(len(source_images))  # each (b, K, h, w)
-        strong_features = output.features.split(len(source_images))[2]  # (b, D, h, w)
+        logits, features, geometry = three_view_forward(self.network, source_images, target_images,
+                                                        self.settings.strong_augment, self.settings.training.seed,
+                                                        iteration, self.context)  # each (b, K|D, h, w)
+        strong_features = features[2]  # (b, D, h, w)
         labels, momentum_features = self._denoised_labels(target_images)  # (b, h, w), (b, D, h, w)
-        source_labels = source["label"].to(self.device)  # (b, H, W)
-        upsampled = F.interpolate(logits[0], size=source_labels.shape[-2:], mode="bilinear", align_corners=False)
         valid = geometry.valid(tuple(strong_features.shape[-2:]))  # (b, h, w)
-        terms = {"source_ce": pixel_mean(weighted_cross_entropy_pixels(upsampled, source_labels), self.context),
+        terms = {"source_ce": image_cross_entropy(logits[0], source["label"].to(self.device), self.context),
                  "target_sce": pixel_mean(pseudo_label_loss_pixels(logits[1], labels, proda), self.context),
                  "structure_kl": pixel_mean(structure_kl_pixels(geometry.warp(momentum_features), strong_features,
                                                                 self.bank.prototypes, proda.temperature, valid),

@@ -34,15 +34,15 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.nn import functional as F
 
 from bismap.data.loading import IMAGENET_MEAN, IMAGENET_STD
 from bismap.data.photometric import load_statistics
 from bismap.data.strong_augment import Geometry, StrongAugmentSettings, strong_augment
 from bismap.io import shard_png_paths
-from bismap.losses import kl_divergence_pixels, symmetric_cross_entropy_pixels, weighted_cross_entropy_pixels
+from bismap.losses import kl_divergence_pixels, symmetric_cross_entropy_pixels
 from bismap.models import ModelSettings, build_model
-from bismap.training.adaptation import AdaptationRun, Batch, DomainData, pixel_mean, train_and_save
+from bismap.training.adaptation import (AdaptationRun, Batch, DomainData, image_cross_entropy, pixel_mean,
+                                        train_and_save, upsample_to)
 from bismap.training.checkpoint import fingerprint, load_model
 from bismap.training.distributed import DistributedContext, launch_training, rank_slice, unwrap_model
 from bismap.training.ema import make_teacher, update_ema
@@ -134,12 +134,11 @@ class SelfTrainStep:
     def _source_loss(self, logits: torch.Tensor, source: Batch) -> torch.Tensor:
         labels = source["label"].to(self.device)  # (b, H, W)
         weights = source["weight"].to(self.device) if self.settings.use_stm else None  # (b, H, W), Eq. 9
-        return pixel_mean(weighted_cross_entropy_pixels(_upsample(logits, labels), labels, weights),
-                          self.context)  # Eq. 10
+        return image_cross_entropy(logits, labels, self.context, weights)  # Eq. 10
 
     def _target_loss(self, logits: torch.Tensor, target: Batch) -> torch.Tensor:
         labels = target["label"].to(self.device)  # (b, H, W) pseudo-labels, 255 = ignore
-        return pixel_mean(symmetric_cross_entropy_pixels(_upsample(logits, labels), labels, self.settings.sce_alpha,
+        return pixel_mean(symmetric_cross_entropy_pixels(upsample_to(logits, labels), labels, self.settings.sce_alpha,
                                                          self.settings.sce_beta), self.context)  # Eq. 11
 
     @torch.no_grad()
@@ -168,6 +167,20 @@ def strong_view(images: torch.Tensor, settings: StrongAugmentSettings, seed: int
     return rank_slice(strong, context), Geometry(rank_slice(geometry.theta, context))
 
 
+def three_view_forward(network: torch.nn.Module, source_images: torch.Tensor, target_images: torch.Tensor,
+                       settings: StrongAugmentSettings, seed: int, iteration: int,
+                       context: DistributedContext) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...],
+                                                             Geometry]:
+    """One forward of cat(source, target, strong view of target), as ProDA and CPSL train.
+
+    Returns the logits (b, K, h, w) and features (b, D, h, w) of each view in that
+    order, and the strong view's geometry.
+    """
+    strong, geometry = strong_view(target_images, settings, seed, iteration, context)
+    output = network(torch.cat([source_images, target_images, strong]))
+    return output.logits.split(len(source_images)), output.features.split(len(source_images)), geometry
+
+
 def _global_batch(local: torch.Tensor, context: DistributedContext) -> torch.Tensor:
     """Every rank's slice (b, ...) concatenated in rank order: the global batch (B, ...); ``local`` for N == 1."""
     if not context.distributed:
@@ -175,10 +188,6 @@ def _global_batch(local: torch.Tensor, context: DistributedContext) -> torch.Ten
     slices = [torch.empty_like(local) for _ in range(context.world_size)]
     dist.all_gather(slices, local.contiguous())
     return torch.cat(slices)
-
-
-def _upsample(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)  # (b, K, H, W)
 
 
 def _initial_model(inputs: SelfTrainInputs, settings: SelfTrainSettings,
