@@ -178,8 +178,9 @@ def method_rows():
                 methods[model] = "cag" if stage == 1 else f"cag_stage_{stage}"
         elif variant["method"] != "bismap":
             methods[f"selftrain_{name}"] = variant["method"]
-    if full_bismap_variant():
-        methods[f"selftrain_{full_bismap_variant()}"] = "bismap"
+    full = full_bismap_variant()
+    if full:
+        methods[f"selftrain_{full}"] = "bismap"
     if distill_enabled():
         methods["distill"] = "bismap_distill"
     if oracle_enabled():

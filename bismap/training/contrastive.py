@@ -32,6 +32,7 @@ measured against. mu_S and mu_T are in the resume state.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,7 +41,7 @@ import torch
 
 from bismap.data.samples import IGNORE_INDEX
 from bismap.io import shard_png_paths
-from bismap.losses import weighted_cross_entropy_pixels
+from bismap.losses import PixelLosses, weighted_cross_entropy_pixels
 from bismap.methods.contrastive import (ContrastiveSettings, backward_contrastive_pixels, calibrated_prototypes,
                                         dynamic_pseudo_labels, entropy_pixels, forward_contrastive_pixels,
                                         hybrid_pseudo_labels)
@@ -121,7 +122,7 @@ class ContrastiveStep:
         self.optimizer.step()
         return {"loss": loss, **terms, "dynamic_share": dynamic_share}
 
-    def _contrast(self, pixels_function: Any, features: torch.Tensor, labels: torch.Tensor,
+    def _contrast(self, pixels_function: Callable[..., PixelLosses], features: torch.Tensor, labels: torch.Tensor,
                   prototypes: torch.Tensor) -> torch.Tensor:
         """Eq. 2 or 3 over the global batch; 0 when the other domain has no prototype at all (no labelled pixel)."""
         if bool(absent_classes(prototypes).all()):
