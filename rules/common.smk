@@ -149,7 +149,7 @@ def model_components():
     components = {}
     for name, variant in bismap_variants().items():
         used = {"maps": variant["maps"], "stm": variant["stm"], "consistency": variant["consistency"],
-                "distillation": False}
+                "alignment": variant["alignment"], "distillation": False}
         for round_number in range(1, variant_rounds(name)):
             components[round_model(name, round_number)] = {**used, "rounds": round_number}
         components[f"selftrain_{name}"] = {**used, "rounds": variant_rounds(name)}
@@ -327,7 +327,8 @@ def selftrain_enabled():
 # The selftrain keys each family method reads (its *TrainSettings dataclass).
 METHOD_SETTINGS = {"proda": ("training", "proda", "strong_augment"), "cpsl": ("training", "cpsl", "strong_augment"),
                    "contrastive": ("training", "contrastive"), "cag": ("training", "cag")}
-VARIANT_DEFAULTS = {"method": "bismap", "maps": False, "stm": False, "consistency": False, "rounds": 1}
+VARIANT_DEFAULTS = {"method": "bismap", "maps": False, "stm": False, "consistency": False, "alignment": False,
+                    "rounds": 1}
 
 
 def selftrain_variants():
@@ -338,9 +339,14 @@ def selftrain_variants():
             raise WorkflowError(f"selftrain.variants: name '{variant['name']}' is used twice")
         settings = {**VARIANT_DEFAULTS, **{key: value for key, value in variant.items() if key != "name"}}
         if settings["method"] != "bismap" and (settings["maps"] or settings["stm"] or settings["consistency"]
+                                               or settings["alignment"]
                                                or (settings["rounds"] != 1 and settings["method"] != "cag")):
             raise WorkflowError(f"selftrain variant '{variant['name']}' (method {settings['method']}): maps, stm, "
-                                "consistency and rounds belong to method bismap (rounds also to cag: its stages)")
+                                "consistency, alignment and rounds belong to method bismap (rounds also to cag: "
+                                "its stages)")
+        if settings["alignment"] and not settings["consistency"]:
+            raise WorkflowError(f"selftrain variant '{variant['name']}': alignment acts on the consistency "
+                                "teacher's targets; set consistency: true")
         variants[variant["name"]] = settings
     return variants
 
@@ -373,6 +379,11 @@ def selftrain_run_settings(wildcards):
     settings = {key: selftrain_settings()[key] for key in shared if key in selftrain_settings()}
     if variant["consistency"]:
         for key in ("ema_decay", "consistency_weight", "strong_augment"):
+            if key in selftrain_settings():
+                settings[key] = selftrain_settings()[key]
+    if variant["alignment"]:  # only then: variants without it keep their params (no rerun)
+        settings.update(align_teacher=True, balance_pseudo_labels=True)
+        for key in ("alignment_momentum", "alignment_weight_cap"):
             if key in selftrain_settings():
                 settings[key] = selftrain_settings()[key]
     settings.update(use_stm=variant["stm"], use_consistency=variant["consistency"], use_pseudo_labels=True)

@@ -7,12 +7,13 @@ import re
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from PIL import Image
 
 from tests.conftest import planned_jobs, run_snakemake, seed_results, tiny_config, write_config
 
-VARIANTS = ["baseline", "stm", "stm_maps", "bismap"]
+VARIANTS = ["baseline", "stm", "stm_maps", "consistency", "bismap"]
 
 
 def test_every_stage_writes_its_checkpoint_and_the_report_has_one_row_each(finished_tiny_run):
@@ -30,9 +31,9 @@ def test_every_stage_writes_its_checkpoint_and_the_report_has_one_row_each(finis
         if gap:
             assert summary[model]["gap_closed_percent"] == pytest.approx(100 * summary[model]["gain_over_warmup"] / gap)
     assert summary["selftrain_stm"]["components"] == {"maps": False, "stm": True, "consistency": False,
-                                                      "distillation": False, "rounds": 1}
-    assert summary["distill"]["components"] == {"maps": True, "stm": True, "consistency": True, "distillation": True,
-                                                "rounds": 2}
+                                                      "alignment": False, "distillation": False, "rounds": 1}
+    assert summary["distill"]["components"] == {"maps": True, "stm": True, "consistency": True, "alignment": True,
+                                                "distillation": True, "rounds": 2}
     markdown = (results / "report" / "summary.md").read_text()
     assert sum(line.startswith("| selftrain_") for line in markdown.splitlines()) == 2 * (len(VARIANTS) + 1)
 
@@ -46,6 +47,20 @@ def test_loss_logs_carry_each_variants_terms(finished_tiny_run):
     distill = (results / "distill_loss.tsv").read_text().splitlines()
     assert distill[0].split("\t")[:5] == ["iteration", "loss", "source_ce", "target_ce", "kl"]
     assert len(distill) == 1 + 2
+
+
+def test_only_the_variant_with_alignment_trains_with_it(finished_tiny_run):
+    checkpoints = seed_results(finished_tiny_run[0] / "results") / "checkpoints"
+    settings = {name: torch.load(path, weights_only=False)["settings"]["selftrain"]
+                for name, path in (("consistency", checkpoints / "selftrain_consistency.pt"),
+                                   ("round_1", checkpoints / "rounds" / "selftrain_bismap_round_1.pt"),
+                                   ("bismap", checkpoints / "selftrain_bismap.pt"))}
+    assert not any("align" in key for key in settings["consistency"])  # its params are those it had before
+    for name in ("round_1", "bismap"):
+        assert settings[name]["align_teacher"] is True and settings[name]["balance_pseudo_labels"] is True
+        assert settings[name]["alignment_momentum"] == 0.99 and settings[name]["alignment_weight_cap"] == 5.0
+    assert {key: value for key, value in settings["round_1"].items()
+            if "align" not in key and key != "balance_pseudo_labels"} == settings["consistency"]
 
 
 def test_teacher_labels_keep_only_confident_pixels(finished_tiny_run):
@@ -122,8 +137,8 @@ def edited_plan(finished_tiny_run, tmp_path, edit) -> dict[str, int]:
 def test_editing_lambda_reruns_the_consistency_variant_distillation_and_report_only(finished_tiny_run, tmp_path):
     jobs = edited_plan(finished_tiny_run, tmp_path,
                        lambda config: config["selftrain"].update(consistency_weight=7.5))
-    assert jobs == {"selftrain": 1, "selftrain_round": 1, "round_pseudo_labels": 2, "teacher_pseudo_labels": 2,
-                    "merge_pseudo_labels": 1, "distill": 1, "evaluate": 3, "qualitative_figure": 1, "report": 1, "report_seeds": 1, "all": 1}
+    assert jobs == {"selftrain": 2, "selftrain_round": 1, "round_pseudo_labels": 2, "teacher_pseudo_labels": 2,
+                    "merge_pseudo_labels": 1, "distill": 1, "evaluate": 4, "qualitative_figure": 1, "report": 1, "report_seeds": 1, "all": 1}
 
 
 def test_adding_a_variant_runs_only_that_variant(finished_tiny_run, tmp_path):
@@ -192,6 +207,14 @@ def test_bismap_switches_on_a_proda_variant_fail_naming_it(finished_tiny_run, tm
     config["selftrain"]["variants"].append({"name": "proda", "method": "proda", "stm": True})
     result = run_snakemake(workdir, write_config(tmp_path / "bad.yaml", config), "-n", check=False)
     assert result.returncode != 0 and "variant 'proda' (method proda)" in result.stdout + result.stderr
+
+
+def test_alignment_without_consistency_fails_naming_the_variant(finished_tiny_run, tmp_path):
+    workdir, configfile = finished_tiny_run
+    config = yaml.safe_load(configfile.read_text())
+    config["selftrain"]["variants"].append({"name": "aligned", "maps": True, "alignment": True})
+    result = run_snakemake(workdir, write_config(tmp_path / "bad.yaml", config), "-n", check=False)
+    assert result.returncode != 0 and "variant 'aligned': alignment acts on" in result.stdout + result.stderr
 
 
 def test_a_duplicate_variant_name_fails_naming_it(finished_tiny_run, tmp_path):

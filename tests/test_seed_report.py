@@ -11,7 +11,7 @@ import pytest
 from bismap.report.seeds import write_seed_summary
 from bismap.report.stage_times import benchmark_seconds, stage_times
 
-COMPONENTS = {"selftrain_bismap": {"maps": True, "stm": True, "consistency": True, "rounds": 2,
+COMPONENTS = {"selftrain_bismap": {"maps": True, "stm": True, "consistency": True, "alignment": True, "rounds": 2,
                                    "distillation": False}}
 BENCHMARK_HEADER = "s\th:m:s\tmax_rss\tmax_vms\tmax_uss\tmax_pss\tio_in\tio_out\tmean_load\tcpu_time\n"
 
@@ -81,9 +81,9 @@ def test_mean_and_sample_std_of_each_model_row(three_seeds, tmp_path):
     assert result["gap_warmup_to_oracle"]["mean"] == 42.0  # gaps 40, 40, 46
     markdown = (report / "summary.md").read_text()
     # gap closed: std of 25, 22.5, 30.43 = 4.06
-    assert "| selftrain_bismap | ✓ | ✓ | ✓ | 2 |  | 33.0 ± 4.4 | +11.0 ± 2.6 | +26.0 ± 4.1 |" in markdown
+    assert "| selftrain_bismap | ✓ | ✓ | ✓ | ✓ | 2 |  | 33.0 ± 4.4 | +11.0 ± 2.6 | +26.0 ± 4.1 |" in markdown
     # the effect of a row is paired by seed: 30-20, 31-22, 38-24
-    assert "| selftrain_bismap | MAPs, STM, consistency, self-training over warmup | +11.0 ± 2.6 |" in markdown
+    assert "| selftrain_bismap | MAPs, STM, consistency, alignment, self-training over warmup | +11.0 ± 2.6 |" in markdown
     assert "| selftrain_bismap | 50.0 ± 10.0 | 15.0 ± 7.1 | 33.0 ± 4.4 |" in markdown
     assert "[seed 1](../seed_1/report/summary.md)" in markdown
 
@@ -93,7 +93,7 @@ def test_one_seed_has_no_std(three_seeds, tmp_path):
                                 tmp_path / "one.md", tmp_path / "one.json")
     assert result["models"]["selftrain_bismap"]["miou"] == {"mean": 38.0, "std": None, "values": [38.0]}
     assert json.loads((tmp_path / "one.json").read_text())["models"]["warmup"]["miou"]["std"] is None
-    assert "| selftrain_bismap | ✓ | ✓ | ✓ | 2 |  | 38.0 ± — | +14.0 ± — |" in (tmp_path / "one.md").read_text()
+    assert "| selftrain_bismap | ✓ | ✓ | ✓ | ✓ | 2 |  | 38.0 ± — | +14.0 ± — |" in (tmp_path / "one.md").read_text()
 
 
 def test_stage_times_sum_the_s_column_over_jobs_and_average_over_seeds(tmp_path):

@@ -188,3 +188,29 @@ def test_a_variant_gets_its_methods_loop_inputs_and_typed_settings(data):
         variant_training("dann", files, {}, "mine")
     with pytest.raises(SettingsError, match="selftrain \\(mine, cpsl\\).cpsl: unknown key\\(s\\) \\['epsilonn'\\]"):
         variant_training("cpsl", files, {"training": training, "cpsl": {"epsilonn": 1.0}}, "mine")
+
+
+def test_alignment_changes_both_targets_and_resumes_bit_identically(data, tmp_path, monkeypatch):
+    """The running distributions are part of the resume state: an interrupted aligned run ends as an uninterrupted one."""
+    aligned_settings = {"align_teacher": True, "balance_pseudo_labels": True, "alignment_momentum": 0.5}
+    _, plain = train(data, tmp_path / "plain")
+    _, teacher_only = train(data, tmp_path / "teacher", align_teacher=True, alignment_momentum=0.5)
+    reference, aligned = train(data, tmp_path / "reference", **aligned_settings)
+    assert aligned[0]["source_ce"] == plain[0]["source_ce"]  # same weights, same batch at iteration 1
+    assert teacher_only[0]["target_sce"] == plain[0]["target_sce"]  # perfect labels, unweighted
+    assert teacher_only[0]["consistency"] != pytest.approx(plain[0]["consistency"], rel=1e-6)
+    assert aligned[0]["target_sce"] != pytest.approx(plain[0]["target_sce"], rel=1e-6)  # weighted by class
+    original = SelfTrainStep.__call__
+    monkeypatch.setattr(SelfTrainStep, "__call__", dies_on_call(original, 4))
+    with pytest.raises(KeyboardInterrupt):
+        train(data, tmp_path / "resumed", **aligned_settings)
+    source = torch.load(tmp_path / "resumed" / "state.pt", weights_only=False)["distributions"]["source"]  # (K,)
+    assert float(source.sum()) == pytest.approx(1.0) and not torch.allclose(source, torch.full((11,), 1 / 11).double())
+    monkeypatch.setattr(SelfTrainStep, "__call__", original)
+    resumed, _ = train(data, tmp_path / "resumed", **aligned_settings)
+    assert all(torch.equal(reference[key], resumed[key]) for key in reference)
+
+
+def test_alignment_without_the_teacher_is_refused():
+    with pytest.raises(ValueError, match="need use_consistency"):
+        SelfTrainSettings(training=TRAINING, use_consistency=False, balance_pseudo_labels=True)

@@ -24,9 +24,9 @@ from bismap.io import read_json, write_json, write_text
 logger = logging.getLogger(__name__)
 
 # Component columns in pipeline order, with their titles; "rounds" counts self-training rounds, the others are on/off.
-COMPONENTS = ("maps", "stm", "consistency", "rounds", "distillation")
-COMPONENT_TITLES = {"maps": "MAPs", "stm": "STM", "consistency": "consistency", "rounds": "rounds",
-                    "distillation": "distillation"}
+COMPONENTS = ("maps", "stm", "consistency", "alignment", "rounds", "distillation")
+COMPONENT_TITLES = {"maps": "MAPs", "stm": "STM", "consistency": "consistency", "alignment": "alignment",
+                    "rounds": "rounds", "distillation": "distillation"}
 COMPONENT_HEADER = "| model | " + " | ".join(COMPONENT_TITLES[name] for name in COMPONENTS) + " |"
 
 

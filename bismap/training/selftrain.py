@@ -8,6 +8,11 @@ BatchNorm sees both domains. The loss is Eq. 13::
       + L_sce(x^t)           symmetric CE on the pseudo-labels        (Eq. 11)
       + lambda L_consist     KL(EMA teacher on x^t || student on phi(x^t))  (Eq. 12)
 
+With ``align_teacher`` / ``balance_pseudo_labels`` (this project's additions,
+:mod:`bismap.methods.alignment`), the teacher's targets of Eq. 12 are aligned to
+the running source class distribution and the SCE pixels of Eq. 11 weighted by
+class, against self-training's drift to the classes the warmup over-predicts.
+
 Each term can be switched off for ablations (``use_stm`` drops w^s,
 ``use_pseudo_labels`` the SCE term, ``use_consistency`` the teacher). Reading
 of Eq. 12: the EMA teacher sees the weakly augmented target image and the
@@ -40,11 +45,13 @@ from bismap.data.photometric import load_statistics
 from bismap.data.strong_augment import Geometry, StrongAugmentSettings, strong_augment
 from bismap.io import shard_png_paths
 from bismap.losses import kl_divergence_pixels, symmetric_cross_entropy_pixels
+from bismap.methods.alignment import ClassDistributions, label_class_distribution, predicted_class_distribution
 from bismap.models import ModelSettings, build_model
 from bismap.training.adaptation import (AdaptationRun, Batch, DomainData, image_cross_entropy, pixel_mean,
                                         train_and_save, upsample_to)
 from bismap.training.checkpoint import fingerprint, load_model
-from bismap.training.distributed import DistributedContext, launch_training, rank_slice, unwrap_model
+from bismap.training.distributed import (DistributedContext, all_reduce_mean, launch_training, rank_slice,
+                                         unwrap_model)
 from bismap.training.ema import make_teacher, update_ema
 from bismap.training.optim import make_optimizer
 from bismap.training.supervised import RunPaths, TrainSettings, seed_everything
@@ -66,10 +73,18 @@ class SelfTrainSettings:
     use_pseudo_labels: bool = True
     use_consistency: bool = True
     strong_augment: StrongAugmentSettings = field(default_factory=StrongAugmentSettings)
+    # class-distribution alignment (bismap.methods.alignment; not in the paper), both need the teacher:
+    align_teacher: bool = False  # Eq. 12's targets times pi_source / pi_predicted
+    balance_pseudo_labels: bool = False  # Eq. 11's pixels weighted by min(cap, pi_source / pi_labels)
+    alignment_momentum: float = 0.99  # of the running class distributions
+    alignment_weight_cap: float = 5.0
 
     def __post_init__(self) -> None:
         if self.init not in INITS:
             raise ValueError(f"selftrain.init must be one of {INITS}, got '{self.init}'")
+        if (self.align_teacher or self.balance_pseudo_labels) and not self.use_consistency:
+            raise ValueError("selftrain: align_teacher and balance_pseudo_labels need use_consistency (the teacher "
+                             "gives the predicted class distribution)")
 
 
 @dataclass(frozen=True)
@@ -101,16 +116,20 @@ class SelfTrainStep:
     """
 
     def __init__(self, network: torch.nn.Module, teacher: torch.nn.Module | None, optimizer: torch.optim.Optimizer,
-                 settings: SelfTrainSettings, context: DistributedContext | None = None) -> None:
+                 settings: SelfTrainSettings, context: DistributedContext | None = None,
+                 distributions: ClassDistributions | None = None) -> None:
         self.network, self.teacher, self.optimizer, self.settings = network, teacher, optimizer, settings
         self.context = context or DistributedContext()
         self.device = self.context.device
+        self.distributions = distributions  # running class distributions, with either alignment
 
     def __call__(self, source: Batch, target: Batch, iteration: int) -> dict[str, torch.Tensor]:
         source_images = source["image"].to(self.device)  # (b, 3, H, W)
         target_images = target["image"].to(self.device)  # (b, 3, H, W)
         inputs = [source_images, target_images]
         if self.teacher is not None:
+            teacher_probabilities = self._teacher_probabilities(target_images)  # (b, K, h, w)
+            self._update_distributions(source, target, teacher_probabilities)
             strong, geometry = self._strong_view(target_images, iteration)  # (b, 3, H, W), its warp
             inputs.append(strong)
         logits = self.network(torch.cat(inputs)).logits.split(len(source_images))  # each (b, K, H/4, W/4)
@@ -118,7 +137,7 @@ class SelfTrainStep:
         if self.settings.use_pseudo_labels:
             terms["target_sce"] = self._target_loss(logits[1], target)
         if self.teacher is not None:
-            terms["consistency"] = self._consistency_loss(target_images, logits[2], geometry)
+            terms["consistency"] = self._consistency_loss(teacher_probabilities, logits[2], geometry)
         loss = terms["source_ce"] + terms.get("target_sce", 0.0)
         loss = loss + self.settings.consistency_weight * terms.get("consistency", 0.0)
         self.optimizer.zero_grad(set_to_none=True)
@@ -138,17 +157,33 @@ class SelfTrainStep:
 
     def _target_loss(self, logits: torch.Tensor, target: Batch) -> torch.Tensor:
         labels = target["label"].to(self.device)  # (b, H, W) pseudo-labels, 255 = ignore
-        return pixel_mean(symmetric_cross_entropy_pixels(upsample_to(logits, labels), labels, self.settings.sce_alpha,
-                                                         self.settings.sce_beta), self.context)  # Eq. 11
+        values, labelled = symmetric_cross_entropy_pixels(upsample_to(logits, labels), labels,
+                                                          self.settings.sce_alpha, self.settings.sce_beta)  # Eq. 11
+        if self.settings.balance_pseudo_labels:  # a weighted mean: over-labelled classes count less
+            return pixel_mean((values, self.distributions.label_weights(labels)), self.context)
+        return pixel_mean((values, labelled), self.context)
 
     @torch.no_grad()
     def _teacher_probabilities(self, images: torch.Tensor) -> torch.Tensor:
         return self.teacher(images).logits.softmax(dim=1)  # (b, K, h, w)
 
-    def _consistency_loss(self, images: torch.Tensor, student_logits: torch.Tensor,
+    @torch.no_grad()
+    def _update_distributions(self, source: Batch, target: Batch, teacher_probabilities: torch.Tensor) -> None:
+        """This global batch's class shares of source labels, teacher predictions and pseudo-labels, into the EMAs."""
+        if self.distributions is None:
+            return
+        classes = teacher_probabilities.shape[1]
+        shares = (label_class_distribution(source["label"].to(self.device), classes),
+                  predicted_class_distribution(teacher_probabilities),
+                  label_class_distribution(target["label"].to(self.device), classes))  # (K,) each, this rank's
+        self.distributions.update(*(all_reduce_mean(share, self.context) for share in shares))
+
+    def _consistency_loss(self, teacher_probabilities: torch.Tensor, student_logits: torch.Tensor,
                           geometry: Geometry) -> torch.Tensor:
         """Eq. 12 at feature resolution; the teacher's map is moved by phi's geometry, outside pixels masked."""
-        warped = geometry.warp(self._teacher_probabilities(images))  # (b, K, h, w)
+        if self.settings.align_teacher:
+            teacher_probabilities = self.distributions.align(teacher_probabilities)
+        warped = geometry.warp(teacher_probabilities)  # (b, K, h, w)
         valid = geometry.valid(tuple(student_logits.shape[-2:]))  # (b, h, w)
         return pixel_mean(kl_divergence_pixels(warped.clamp_min(1e-8).log(), student_logits, valid), self.context)
 
@@ -229,6 +264,11 @@ def _self_train(context: DistributedContext, job: _SelfTrainJob) -> None:
     optimizer = make_optimizer(model, settings.training.optimizer)
     teacher = make_teacher(model) if settings.use_consistency else None  # plain BatchNorm, eval mode
     modules = {"model": model, "optimizer": optimizer, **({"teacher": teacher} if teacher is not None else {})}
+    distributions = None
+    if settings.align_teacher or settings.balance_pseudo_labels:
+        distributions = ClassDistributions(len(class_names), settings.alignment_momentum,
+                                           settings.alignment_weight_cap).to(context.device)
+        modules["distributions"] = distributions
     source, target = domains(inputs, settings.use_stm)
     if context.is_main:
         logger.info("self-training: STM %s, pseudo-labels %s, consistency %s (lambda %.3g)", settings.use_stm,
@@ -236,4 +276,5 @@ def _self_train(context: DistributedContext, job: _SelfTrainJob) -> None:
     run_id = fingerprint(job.run_settings, [str(path) for path in inputs.pseudo_label_dirs])
     run = AdaptationRun(model, optimizer, modules, source, target, settings.training, job.paths, run_id,
                         class_names, job.run_settings)
-    train_and_save(run, lambda network: SelfTrainStep(network, teacher, optimizer, settings, context), context)
+    train_and_save(run, lambda network: SelfTrainStep(network, teacher, optimizer, settings, context, distributions),
+                   context)
