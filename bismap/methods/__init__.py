@@ -7,6 +7,9 @@
 * :mod:`bismap.methods.cpsl`: CPSL (paper 002), Eq. 1, 4-13.
 * :mod:`bismap.methods.contrastive`: bi-directional contrastive learning (paper 003), Eq. 1-10.
 * :mod:`bismap.methods.cag`: CAG-UDA (paper 004), Eq. 4-12 and the stagewise schedule.
+* :mod:`bismap.methods.alignment`: class-distribution alignment of BiSMAP's
+  self-training targets (this project's addition; ReMixMatch-style, with CPSL
+  Eq. 11's running class distribution).
 
 Every loss has the ``*_pixels`` form of :mod:`bismap.losses`: per-pixel values
 and the mask of the pixels that count, for ``masked_mean`` / ``masked_sum``.
