@@ -19,11 +19,12 @@ from tests.real_fixtures import make_cityscapes, make_gta5
 
 CLASSES = 11
 TARGET_IMAGES = 12  # tiny_config's target_train count
-# the MAPs labels and their report, then the two self-training variants with MAPs (stm_maps, bismap), the
-# teacher labels (merged with the MAPs ones: 2 merges) and the distillation, their evaluations and the report
+# the MAPs labels and their report, then the three self-training variants with MAPs (stm_maps, consistency,
+# bismap), the teacher labels (merged with the MAPs ones: 2 merges) and the distillation, their evaluations and
+# the report
 DOWNSTREAM_OF_PROTOTYPES = {"merge_class_gmms": 1, "pseudo_labels": 2, "merge_pseudo_labels": 2,
-                            "pseudo_label_report": 1, "selftrain": 2, "selftrain_round": 1, "round_pseudo_labels": 2,
-                            "teacher_pseudo_labels": 2, "distill": 1, "evaluate": 4, "qualitative_figure": 1, "report": 1, "report_seeds": 1, "all": 1}
+                            "pseudo_label_report": 1, "selftrain": 3, "selftrain_round": 1, "round_pseudo_labels": 2,
+                            "teacher_pseudo_labels": 2, "distill": 1, "evaluate": 5, "qualitative_figure": 1, "report": 1, "report_seeds": 1, "all": 1}
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
