@@ -5,19 +5,20 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bismap.methods.alignment import ClassDistributions, label_class_distribution, predicted_class_distribution
+from bismap.methods.alignment import ClassDistributions, label_class_counts, predicted_class_mass, shares
 
 
 def test_label_shares_count_labelled_pixels_only():
     labels = torch.tensor([[[0, 0, 1, 255], [2, 2, 2, 255]]])  # (1, 2, 4): 6 labelled pixels
-    shares = label_class_distribution(labels, 4)
-    assert shares.tolist() == pytest.approx([2 / 6, 1 / 6, 3 / 6, 0.0])
-    assert label_class_distribution(torch.full((1, 2, 2), 255), 3).tolist() == [0.0, 0.0, 0.0]
+    assert label_class_counts(labels, 4).tolist() == [2.0, 1.0, 3.0, 0.0]
+    assert shares(label_class_counts(labels, 4)).tolist() == pytest.approx([2 / 6, 1 / 6, 3 / 6, 0.0])
+    assert shares(label_class_counts(torch.full((1, 2, 2), 255), 3)).tolist() == [0.0, 0.0, 0.0]
 
 
 def test_predicted_shares_are_the_mean_softmax():
     probabilities = torch.tensor([[0.8, 0.4], [0.2, 0.6]]).reshape(1, 2, 1, 2)  # (1, K=2, 1, 2)
-    assert predicted_class_distribution(probabilities).tolist() == pytest.approx([0.6, 0.4])
+    assert predicted_class_mass(probabilities).tolist() == pytest.approx([1.2, 0.8])
+    assert shares(predicted_class_mass(probabilities)).tolist() == pytest.approx([0.6, 0.4])
 
 
 def test_running_distributions_follow_their_moving_averages():

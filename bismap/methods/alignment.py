@@ -26,16 +26,23 @@ import torch
 from bismap.data.samples import IGNORE_INDEX
 
 
-def label_class_distribution(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Share of each class among the labelled pixels of (B, H, W) labels: (K,) float64, zeros if none."""
+def label_class_counts(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Labelled pixels of each class in (B, H, W) labels (255 = ignore): (K,) float64."""
     valid = labels[labels != IGNORE_INDEX]
-    counts = torch.bincount(valid.flatten(), minlength=num_classes)[:num_classes].double()
+    return torch.bincount(valid.flatten(), minlength=num_classes)[:num_classes].double()
+
+
+def predicted_class_mass(probabilities: torch.Tensor) -> torch.Tensor:
+    """Softmax summed over the pixels of (B, K, h, w) probabilities: (K,) float64, totalling B * h * w."""
+    return probabilities.double().sum(dim=(0, 2, 3))
+
+
+def shares(counts: torch.Tensor) -> torch.Tensor:
+    """(K,) counts as a distribution; zeros stay zeros when nothing was counted.
+
+    Sum the counts over processes before dividing, so N processes get the shares of the global batch.
+    """
     return counts / counts.sum().clamp_min(1.0)
-
-
-def predicted_class_distribution(probabilities: torch.Tensor) -> torch.Tensor:
-    """Mean softmax over the pixels of (B, K, h, w) probabilities: (K,) float64."""
-    return probabilities.double().mean(dim=(0, 2, 3))
 
 
 class ClassDistributions(torch.nn.Module):

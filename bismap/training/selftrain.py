@@ -45,12 +45,12 @@ from bismap.data.photometric import load_statistics
 from bismap.data.strong_augment import Geometry, StrongAugmentSettings, strong_augment
 from bismap.io import shard_png_paths
 from bismap.losses import kl_divergence_pixels, symmetric_cross_entropy_pixels
-from bismap.methods.alignment import ClassDistributions, label_class_distribution, predicted_class_distribution
+from bismap.methods.alignment import ClassDistributions, label_class_counts, predicted_class_mass, shares
 from bismap.models import ModelSettings, build_model
 from bismap.training.adaptation import (AdaptationRun, Batch, DomainData, image_cross_entropy, pixel_mean,
                                         train_and_save, upsample_to)
 from bismap.training.checkpoint import fingerprint, load_model
-from bismap.training.distributed import (DistributedContext, all_reduce_mean, launch_training, rank_slice,
+from bismap.training.distributed import (DistributedContext, all_reduce_sum, launch_training, rank_slice,
                                          unwrap_model)
 from bismap.training.ema import make_teacher, update_ema
 from bismap.training.optim import make_optimizer
@@ -173,10 +173,14 @@ class SelfTrainStep:
         if self.distributions is None:
             return
         classes = teacher_probabilities.shape[1]
-        shares = (label_class_distribution(source["label"].to(self.device), classes),
-                  predicted_class_distribution(teacher_probabilities),
-                  label_class_distribution(target["label"].to(self.device), classes))  # (K,) each, this rank's
-        self.distributions.update(*(all_reduce_mean(share, self.context) for share in shares))
+        source_counts, mass, target_counts = (
+            all_reduce_sum(count, self.context)  # (K,) each: sums over the ranks, then divided
+            for count in (label_class_counts(source["label"].to(self.device), classes),
+                          predicted_class_mass(teacher_probabilities),
+                          label_class_counts(target["label"].to(self.device), classes)))
+        pixels = all_reduce_sum(torch.tensor(teacher_probabilities[:, 0].numel(), dtype=torch.float64,
+                                             device=mass.device), self.context)  # b * h * w, over the ranks
+        self.distributions.update(shares(source_counts), mass / pixels, shares(target_counts))
 
     def _consistency_loss(self, teacher_probabilities: torch.Tensor, student_logits: torch.Tensor,
                           geometry: Geometry) -> torch.Tensor:
