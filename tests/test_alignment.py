@@ -5,14 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bismap.methods.alignment import ClassDistributions, label_class_counts, predicted_class_mass, shares
+from bismap.methods.alignment import ClassDistributions, predicted_class_mass, shares
+from bismap.methods.prototypes import class_pixel_counts
 
 
 def test_label_shares_count_labelled_pixels_only():
     labels = torch.tensor([[[0, 0, 1, 255], [2, 2, 2, 255]]])  # (1, 2, 4): 6 labelled pixels
-    assert label_class_counts(labels, 4).tolist() == [2.0, 1.0, 3.0, 0.0]
-    assert shares(label_class_counts(labels, 4)).tolist() == pytest.approx([2 / 6, 1 / 6, 3 / 6, 0.0])
-    assert shares(label_class_counts(torch.full((1, 2, 2), 255), 3)).tolist() == [0.0, 0.0, 0.0]
+    assert class_pixel_counts(labels, 4).tolist() == [2.0, 1.0, 3.0, 0.0]
+    assert shares(class_pixel_counts(labels, 4)).tolist() == pytest.approx([2 / 6, 1 / 6, 3 / 6, 0.0])
+    assert shares(class_pixel_counts(torch.full((1, 2, 2), 255), 3)).tolist() == [0.0, 0.0, 0.0]
 
 
 def test_predicted_shares_are_the_mean_softmax():

@@ -26,12 +26,6 @@ import torch
 from bismap.data.samples import IGNORE_INDEX
 
 
-def label_class_counts(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Labelled pixels of each class in (B, H, W) labels (255 = ignore): (K,) float64."""
-    valid = labels[labels != IGNORE_INDEX]
-    return torch.bincount(valid.flatten(), minlength=num_classes)[:num_classes].double()
-
-
 def predicted_class_mass(probabilities: torch.Tensor) -> torch.Tensor:
     """Softmax summed over the pixels of (B, K, h, w) probabilities: (K,) float64, totalling B * h * w."""
     return probabilities.double().sum(dim=(0, 2, 3))

@@ -42,7 +42,7 @@ from torch.nn import functional as F
 
 from bismap.data.samples import IGNORE_INDEX
 from bismap.losses import PixelLosses, kl_divergence_pixels
-from bismap.methods.prototypes import class_centroids
+from bismap.methods.prototypes import class_centroids, class_pixel_counts  # counts: Eq. 10's numerator
 
 
 @dataclass(frozen=True)
@@ -142,12 +142,6 @@ def self_labeling_loss_pixels(scores: torch.Tensor, assignments: torch.Tensor, t
     """CPSL Eq. 5 per pixel: -sum_c q_c log p_c with p = softmax(scores / tau) (M,); all pixels count."""
     log_probabilities = F.log_softmax(scores.float() / temperature, dim=1)  # (M, K)
     return -(assignments.detach().float() * log_probabilities).sum(dim=1), None
-
-
-def class_pixel_counts(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Labelled pixels per class (K,), float64: summed over a dataset, Eq. 10's numerator."""
-    labelled = labels[labels != IGNORE_INDEX]
-    return torch.bincount(labelled.reshape(-1), minlength=num_classes)[:num_classes].double()
 
 
 def class_distribution_from_counts(counts: torch.Tensor) -> torch.Tensor:

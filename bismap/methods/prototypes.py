@@ -15,7 +15,10 @@ compare pixel features with it:
   similarities (bi-directional contrastive Eq. 2-3 and 8-9) of every pixel to
   every prototype, (B, K, h, w);
 * the nearest prototype with a distance margin (CAG-UDA Eq. 6-7), which the
-  ``cas`` strategy of :mod:`bismap.labels.strategies` calls too.
+  ``cas`` strategy of :mod:`bismap.labels.strategies` calls too;
+* labelled pixels per class (:func:`class_pixel_counts`): CPSL's class
+  distribution (Eq. 8, 10) and the running distributions of
+  :mod:`bismap.methods.alignment`.
 
 Conventions: prototypes are (K, D); a class without a prototype (never seen)
 is a row of NaN, as in ``bismap.labels.gmm.ClassPrototypes.centroids``. Its distance
@@ -43,6 +46,12 @@ def labels_at_feature_size(labels: torch.Tensor, size: tuple[int, int]) -> torch
         return labels
     resized = F.interpolate(labels[:, None].float(), size=size, mode="nearest")  # (B, 1, h, w)
     return resized[:, 0].long()
+
+
+def class_pixel_counts(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Labelled pixels per class (K,), float64, of labels of any shape (255 = ignore)."""
+    labelled = labels[labels != IGNORE_INDEX]
+    return torch.bincount(labelled.reshape(-1), minlength=num_classes)[:num_classes].double()
 
 
 def _pixel_rows(features: torch.Tensor) -> torch.Tensor:

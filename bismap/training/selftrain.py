@@ -45,7 +45,8 @@ from bismap.data.photometric import load_statistics
 from bismap.data.strong_augment import Geometry, StrongAugmentSettings, strong_augment
 from bismap.io import shard_png_paths
 from bismap.losses import kl_divergence_pixels, symmetric_cross_entropy_pixels
-from bismap.methods.alignment import ClassDistributions, label_class_counts, predicted_class_mass, shares
+from bismap.methods.alignment import ClassDistributions, predicted_class_mass, shares
+from bismap.methods.prototypes import class_pixel_counts
 from bismap.models import ModelSettings, build_model
 from bismap.training.adaptation import (AdaptationRun, Batch, DomainData, image_cross_entropy, pixel_mean,
                                         train_and_save, upsample_to)
@@ -175,9 +176,9 @@ class SelfTrainStep:
         classes = teacher_probabilities.shape[1]
         source_counts, mass, target_counts = (
             all_reduce_sum(count, self.context)  # (K,) each: sums over the ranks, then divided
-            for count in (label_class_counts(source["label"].to(self.device), classes),
+            for count in (class_pixel_counts(source["label"].to(self.device), classes),
                           predicted_class_mass(teacher_probabilities),
-                          label_class_counts(target["label"].to(self.device), classes)))
+                          class_pixel_counts(target["label"].to(self.device), classes)))
         pixels = all_reduce_sum(torch.tensor(teacher_probabilities[:, 0].numel(), dtype=torch.float64,
                                              device=mass.device), self.context)  # b * h * w, over the ranks
         self.distributions.update(shares(source_counts), mass / pixels, shares(target_counts))
