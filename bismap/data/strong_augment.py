@@ -14,8 +14,10 @@ the batch of already loaded, normalised target images, on their device:
    [0, ``magnitude``] (RandAugment with random magnitude); they leave pixel
    positions unchanged;
 3. Cutout: one square, ``cutout_fraction`` of the shorter side, set to 0 in
-   normalised space (the dataset mean). The target is not changed there: the
-   student must infer the hidden content, as in Cutout's use in mean teachers.
+   normalised space (the dataset mean). The hidden pixels are returned in the
+   :class:`Geometry` (``hidden``), and the consistency term of Eq. 12 leaves them
+   out, as the public BiSMAP code does (``models/adaptation_model.py:178`` of
+   commit 8789a0d scores ``mask == False`` only).
 
 All random draws come from the ``generator`` argument, so a seeded generator
 gives the same views on every run and after a resume.
@@ -79,6 +81,7 @@ class Geometry:
     """The affine warp of a strong view: ``theta`` (B, 2, 3) maps output to input coordinates (normalised)."""
 
     theta: torch.Tensor
+    hidden: torch.Tensor | None = None  # (B, H, W) bool: pixels Cutout hid, at image resolution
 
     def warp(self, maps: torch.Tensor) -> torch.Tensor:
         """Bilinear warp of (B, C, h, w) maps (any resolution: the coordinates are normalised)."""
@@ -98,6 +101,11 @@ class Geometry:
         warped = F.grid_sample(shifted, grid.to(labels.device), mode="nearest", padding_mode="zeros",
                                align_corners=False)[:, 0].long() - 1
         return torch.where(warped < 0, torch.full_like(warped, IGNORE_INDEX), warped)
+
+    def visible(self, size: tuple[int, int]) -> torch.Tensor:
+        """(B, H, W) bool at image size: inside the image after the warp and not hidden by Cutout."""
+        valid = self.valid(size)
+        return valid if self.hidden is None else valid & ~self.hidden.to(valid.device)
 
 
 def random_geometry(batch: int, settings: StrongAugmentSettings, generator: torch.Generator) -> Geometry:
@@ -125,18 +133,24 @@ def _colour_augment(image: torch.Tensor, settings: StrongAugmentSettings, genera
     return image
 
 
-def _cutout(images: torch.Tensor, fraction: float, generator: torch.Generator) -> torch.Tensor:
-    """Zero one square per image of (B, 3, H, W) normalised images (0 = the dataset mean)."""
+def _cutout(images: torch.Tensor, fraction: float,
+            generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero one square per image of (B, 3, H, W) normalised images (0 = the dataset mean).
+
+    Returns the images and the hidden pixels (B, H, W) bool.
+    """
     height, width = images.shape[-2:]
+    hidden = torch.zeros(images.shape[0], height, width, dtype=torch.bool, device=images.device)
     side = round(fraction * min(height, width))
     if side == 0:
-        return images
+        return images, hidden
     images = images.clone()
     for index in range(images.shape[0]):
         top = int(torch.randint(-side // 2, height - side // 2, (1,), generator=generator))
         left = int(torch.randint(-side // 2, width - side // 2, (1,), generator=generator))
         images[index, :, max(top, 0):top + side, max(left, 0):left + side] = 0.0
-    return images
+        hidden[index, max(top, 0):top + side, max(left, 0):left + side] = True
+    return images, hidden
 
 
 def strong_augment(images: torch.Tensor, settings: StrongAugmentSettings, generator: torch.Generator,
@@ -149,4 +163,5 @@ def strong_augment(images: torch.Tensor, settings: StrongAugmentSettings, genera
     pixels = (geometry.warp(images) * std_tensor + mean_tensor).clamp(0.0, 1.0)  # (B, 3, H, W) in [0, 1]
     pixels = torch.stack([_colour_augment(image, settings, generator) for image in pixels])
     strong = (pixels - mean_tensor) / std_tensor
-    return _cutout(strong, settings.cutout_fraction, generator), geometry
+    strong, hidden = _cutout(strong, settings.cutout_fraction, generator)
+    return strong, Geometry(geometry.theta, hidden)

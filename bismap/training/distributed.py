@@ -104,6 +104,15 @@ class RankSliceBatchSampler(Sampler[list[T]]):
 # ----------------------------------------------------------------------------- model and reductions
 
 
+def convert_sync_batchnorm(model: nn.Module, context: DistributedContext) -> nn.Module:
+    """BatchNorm over the global batch with N > 1 processes (CUDA: torch's; CPU: ours); ``model`` with one."""
+    if not context.distributed:
+        return model
+    if context.device.type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return convert_cpu_sync_batchnorm(model)  # nn.SyncBatchNorm rejects CPU tensors
+
+
 def wrap_model(model: nn.Module, context: DistributedContext, **ddp_options: Any) -> nn.Module:
     """SyncBatchNorm + DistributedDataParallel; ``model`` itself with one process.
 
@@ -112,10 +121,7 @@ def wrap_model(model: nn.Module, context: DistributedContext, **ddp_options: Any
     """
     if not context.distributed:
         return model
-    if context.device.type == "cuda":
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    else:
-        model = convert_cpu_sync_batchnorm(model)  # nn.SyncBatchNorm rejects CPU tensors
+    model = convert_sync_batchnorm(model, context)
     device_ids = [context.device] if context.device.type == "cuda" else None
     # Synchronised BatchNorm keeps the running statistics equal on every rank: no buffer broadcast
     # before each forward (DDP still copies rank 0's parameters and buffers once, at construction).

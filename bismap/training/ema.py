@@ -16,6 +16,20 @@ def make_teacher(student: torch.nn.Module) -> torch.nn.Module:
     return teacher
 
 
+def use_batch_statistics(teacher: torch.nn.Module) -> torch.nn.Module:
+    """Let the teacher's BatchNorm layers normalise with each batch's own statistics (train mode), as the public
+    BiSMAP code runs its EMA teacher (``BaseNet_ema.train()``, models/adaptation_model.py:166, commit 8789a0d).
+
+    Momentum 0 leaves the running statistics as the EMA made them (the public code overwrites them from the
+    student at every update, so they never matter there either); everything else stays in eval mode.
+    """
+    for module in teacher.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.train()
+            module.momentum = 0.0
+    return teacher
+
+
 @torch.no_grad()
 def update_ema(teacher: torch.nn.Module, student: torch.nn.Module, decay: float) -> None:
     """theta_teacher <- decay * theta_teacher + (1 - decay) * theta_student.

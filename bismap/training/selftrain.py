@@ -33,12 +33,14 @@ same everywhere without communication. Only rank 0 logs and writes files.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.nn import functional as F
 
 from bismap.data.loading import IMAGENET_MEAN, IMAGENET_STD
 from bismap.data.photometric import load_statistics
@@ -51,9 +53,9 @@ from bismap.models import ModelSettings, build_model
 from bismap.training.adaptation import (AdaptationRun, Batch, DomainData, image_cross_entropy, pixel_mean,
                                         train_and_save, upsample_to)
 from bismap.training.checkpoint import fingerprint, load_model
-from bismap.training.distributed import (DistributedContext, all_reduce_sum, launch_training, rank_slice,
-                                         unwrap_model)
-from bismap.training.ema import make_teacher, update_ema
+from bismap.training.distributed import (DistributedContext, all_reduce_sum, convert_sync_batchnorm, launch_training,
+                                         rank_slice, unwrap_model)
+from bismap.training.ema import make_teacher, update_ema, use_batch_statistics
 from bismap.training.optim import make_optimizer
 from bismap.training.supervised import RunPaths, TrainSettings, seed_everything
 
@@ -67,7 +69,15 @@ class SelfTrainSettings:
     training: TrainSettings
     init: str = "warmup"  # start from the warmup checkpoint, or from ImageNet weights as the public code does
     ema_decay: float = 0.999  # Sec. 4.2
-    consistency_weight: float = 20.0  # lambda of Eq. 13 (Sec. 4.2)
+    # lambda of Eq. 13 (Sec. 4.2: 20) on KL(teacher || student) averaged over pixels AND classes, as the public code's
+    # nn.KLDivLoss() (models/adaptation_model.py:178, commit 8789a0d): lambda / K per pixel of the class-summed KL
+    consistency_weight: float = 20.0
+    # lambda ramps up as exp(-5 (1 - t)^2), t = iteration / (consistency_rampup * iterations) clipped to 1 (public
+    # code: 4,000 of 90,000 iterations, adaptation_model.py:315-321); 0 = lambda from the start
+    consistency_rampup: float = 0.0
+    # the EMA teacher normalises with the target batch's own BatchNorm statistics (public code: BaseNet_ema.train(),
+    # adaptation_model.py:166), not with its running statistics
+    teacher_batch_statistics: bool = False
     sce_alpha: float = 0.1  # Eq. 11
     sce_beta: float = 1.0
     use_stm: bool = True
@@ -83,6 +93,8 @@ class SelfTrainSettings:
     def __post_init__(self) -> None:
         if self.init not in INITS:
             raise ValueError(f"selftrain.init must be one of {INITS}, got '{self.init}'")
+        if not 0.0 <= self.consistency_rampup <= 1.0:
+            raise ValueError(f"selftrain.consistency_rampup must be in [0, 1], got {self.consistency_rampup}")
         if (self.align_teacher or self.balance_pseudo_labels) and not self.use_consistency:
             raise ValueError("selftrain: align_teacher and balance_pseudo_labels need use_consistency (the teacher "
                              "gives the predicted class distribution)")
@@ -140,7 +152,8 @@ class SelfTrainStep:
         if self.teacher is not None:
             terms["consistency"] = self._consistency_loss(teacher_probabilities, logits[2], geometry)
         loss = terms["source_ce"] + terms.get("target_sce", 0.0)
-        loss = loss + self.settings.consistency_weight * terms.get("consistency", 0.0)
+        weight = self.settings.consistency_weight * consistency_rampup(iteration, self.settings)
+        loss = loss + weight * terms.get("consistency", 0.0)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()  # with N > 1, DDP averages the gradients: every rank steps to the same weights
         self.optimizer.step()
@@ -185,12 +198,30 @@ class SelfTrainStep:
 
     def _consistency_loss(self, teacher_probabilities: torch.Tensor, student_logits: torch.Tensor,
                           geometry: Geometry) -> torch.Tensor:
-        """Eq. 12 at feature resolution; the teacher's map is moved by phi's geometry, outside pixels masked."""
+        """Eq. 12 at image resolution, as the public code: the teacher's map is moved by phi's geometry, and
+        pixels from outside the image or hidden by Cutout do not count; the KL is averaged over classes too."""
         if self.settings.align_teacher:
             teacher_probabilities = self.distributions.align(teacher_probabilities)
-        warped = geometry.warp(teacher_probabilities)  # (b, K, h, w)
-        valid = geometry.valid(tuple(student_logits.shape[-2:]))  # (b, h, w)
-        return pixel_mean(kl_divergence_pixels(warped.clamp_min(1e-8).log(), student_logits, valid), self.context)
+        size = tuple(geometry.hidden.shape[-2:]) if geometry.hidden is not None else tuple(student_logits.shape[-2:])
+        warped = resize(geometry.warp(teacher_probabilities), size)  # (b, K, H, W), still distributions
+        student = resize(student_logits, size)  # (b, K, H, W)
+        values, visible = kl_divergence_pixels(warped.clamp_min(1e-8).log(), student, geometry.visible(size))
+        return pixel_mean((values / student.shape[1], visible), self.context)  # mean over classes: nn.KLDivLoss()
+
+
+def resize(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear resize of (b, K, h, w) maps to (b, K, *size)."""
+    return maps if tuple(maps.shape[-2:]) == size else F.interpolate(maps, size=size, mode="bilinear",
+                                                                      align_corners=False)
+
+
+def consistency_rampup(iteration: int, settings: SelfTrainSettings) -> float:
+    """exp(-5 (1 - t)^2), t = iteration / ramp length clipped to [0, 1]: the public code's ramp of lambda (Eq. 13)."""
+    length = settings.consistency_rampup * settings.training.iterations
+    if length <= 0:
+        return 1.0
+    phase = 1.0 - min(max(iteration, 0), length) / length
+    return math.exp(-5.0 * phase * phase)
 
 
 def strong_view(images: torch.Tensor, settings: StrongAugmentSettings, seed: int, iteration: int,
@@ -204,7 +235,8 @@ def strong_view(images: torch.Tensor, settings: StrongAugmentSettings, seed: int
     generator = torch.Generator().manual_seed(seed * 1_000_003 + iteration)
     strong, geometry = strong_augment(_global_batch(images, context), settings, generator,
                                       IMAGENET_MEAN, IMAGENET_STD)  # (B, 3, H, W)
-    return rank_slice(strong, context), Geometry(rank_slice(geometry.theta, context))
+    return rank_slice(strong, context), Geometry(rank_slice(geometry.theta, context),
+                                                 rank_slice(geometry.hidden, context))
 
 
 def three_view_forward(network: torch.nn.Module, source_images: torch.Tensor, target_images: torch.Tensor,
@@ -267,7 +299,9 @@ def _self_train(context: DistributedContext, job: _SelfTrainJob) -> None:
     seed_everything(settings.training.seed)  # the same initial weights on every rank
     model, _, class_names = _initial_model(inputs, settings, context.device)
     optimizer = make_optimizer(model, settings.training.optimizer)
-    teacher = make_teacher(model) if settings.use_consistency else None  # plain BatchNorm, eval mode
+    teacher = make_teacher(model) if settings.use_consistency else None  # eval mode: running BatchNorm statistics
+    if teacher is not None and settings.teacher_batch_statistics:  # the target batch's statistics, as the public code
+        teacher = use_batch_statistics(convert_sync_batchnorm(teacher, context))
     modules = {"model": model, "optimizer": optimizer, **({"teacher": teacher} if teacher is not None else {})}
     distributions = None
     if settings.align_teacher or settings.balance_pseudo_labels:
