@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,7 @@ import torch
 from bismap.io import atomic_directory, atomic_path
 from bismap.labels.features import read_class_features, read_feature_info
 from bismap.labels.mixture import GaussianMixture, diag_parameters, fit_gmm
+from bismap.labels.selection import Candidate, FitOptions, candidates, select_candidate
 
 __all__ = ["GMMSettings", "GaussianMixture", "fit_gmm", "Standardizer", "ClassPrototypes", "fit_class_gmm",
            "save_class_gmm", "load_class_gmm", "merge_class_gmms", "torch_dtype", "fit_class_gmms", "class_gmm_paths"]
@@ -62,6 +63,26 @@ class GMMSettings:
     calibration_samples: int = 20_000  # own-class source log-densities kept for percentile thresholds
     dtype: str = "float64"  # of fitting and calibration
     chunk_rows: int = 65_536
+    # per class, (K, floor) chosen among these by held-out source log-likelihood (bismap.labels.selection);
+    # both empty: ``components`` and ``regularization`` as given
+    select_components: tuple[int, ...] = ()
+    select_regularization: tuple[float, ...] = ()
+    held_out_fraction: float = 0.2  # of the first ``selection_features`` rows, held out for the choice
+    selection_features: int = 5_000
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.held_out_fraction < 1.0:
+            raise ValueError(f"maps.gmm.held_out_fraction must be in (0, 1), got {self.held_out_fraction}")
+        if any(count < 1 for count in self.select_components) or any(r <= 0 for r in self.select_regularization):
+            raise ValueError("maps.gmm.select_components must be >= 1 and select_regularization > 0")
+
+    def candidate_lists(self) -> tuple[tuple[int, ...], tuple[float, ...]]:
+        """The (K, floor) lists to choose from; a missing list is the single configured value."""
+        return (self.select_components or (self.components,), self.select_regularization or (self.regularization,))
+
+    @property
+    def selects(self) -> bool:
+        return bool(self.select_components or self.select_regularization)
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -199,15 +220,18 @@ def write_mixture(group: h5py.Group, mixture: GaussianMixture) -> None:
         group[name] = tensor.detach().cpu().numpy()
     group.attrs.update(covariance=mixture.covariance, converged=mixture.converged, iterations=mixture.iterations,
                        lower_bound=mixture.lower_bound)
+    if mixture.selection is not None:  # the held-out table (K, floor) was chosen from
+        group.attrs["selection"] = json.dumps(mixture.selection)
 
 
 def read_mixture(group: h5py.Group, device: torch.device | str) -> GaussianMixture:
     covariance = str(group.attrs["covariance"])
     tensors = {name: torch.from_numpy(group[name][()]).to(device) for name in ("weights", "means")}
     tensors[SPREAD[covariance]] = torch.from_numpy(group[SPREAD[covariance]][()]).to(device)
+    selection = json.loads(group.attrs["selection"]) if "selection" in group.attrs else None
     return GaussianMixture(covariance=covariance, converged=bool(group.attrs["converged"]),
                            iterations=int(group.attrs["iterations"]), lower_bound=float(group.attrs["lower_bound"]),
-                           **tensors)
+                           selection=selection, **tensors)
 
 
 def feature_standardizer(features_path: str | Path, settings: GMMSettings) -> Standardizer | None:
@@ -234,13 +258,20 @@ def fit_class_gmm(features_path: str | Path, class_id: int, settings: GMMSetting
     standardizer = feature_standardizer(features_path, settings)
     if standardizer is not None:
         features = standardizer.transform(features)
-    mixture = fit_gmm(features, settings.components, settings.covariance, settings.max_iterations,
-                      settings.tolerance, settings.regularization, settings.seed + class_id,
-                      settings.kmeans_iterations, settings.chunk_rows)
+    options = FitOptions(settings.covariance, settings.max_iterations, settings.tolerance, settings.seed + class_id,
+                         settings.kmeans_iterations, settings.chunk_rows)
+    chosen, table = Candidate(settings.components, settings.regularization), None
+    if settings.selects:
+        chosen, table = select_candidate(features[: settings.selection_features], options,
+                                         candidates(*settings.candidate_lists()), settings.held_out_fraction)
+        logger.info("class %d '%s': held-out log-likelihood per (K, floor): %s -> K %d, floor %g", class_id, name,
+                    ", ".join(f"({row['components']}, {row['regularization']:g}) {row['held_out_log_likelihood']:.1f}"
+                              for row in table), chosen.components, chosen.regularization)
+    mixture = options.fit(features, chosen)
     logger.info("class %d '%s': %d-component %s GMM on %d features, %d EM iterations, log-likelihood %.3f",
                 class_id, name, mixture.components, mixture.covariance, len(rows), mixture.iterations,
                 mixture.lower_bound)
-    return mixture.to("cpu")
+    return replace(mixture.to("cpu"), selection=table)
 
 
 def save_class_gmm(path: str | Path, mixture: GaussianMixture | None, class_id: int, class_name: str) -> None:

@@ -42,6 +42,7 @@ class GaussianMixture:
     converged: bool = True
     iterations: int = 0
     lower_bound: float = float("nan")  # mean log-likelihood per sample at the last E-step
+    selection: list[dict[str, float]] | None = None  # held-out scores of the (K, floor) candidates, if chosen
 
     def __post_init__(self) -> None:
         if self.covariance not in COVARIANCE_TYPES:

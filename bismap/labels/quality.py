@@ -19,7 +19,9 @@ accuracy and mIoU interpolated linearly along its sweep: the "at about the same
 ratio of pseudo labels" comparison of BiSMAP Sec. 4.5.
 
 Efficiency: every image goes through the network once; every strategy scores
-it once at feature resolution (h, w) with the functions of
+it once at feature resolution (h, w) (or, with ``resolution='image'``, on
+logits and features bilinearly upsampled to the image, as the labels that
+training reads) with the functions of
 :mod:`bismap.labels.strategies` (the per-cell class and score: max log-density,
 anchor-distance gap, softmax maximum, or within-class rank), and every
 threshold of the sweep is then a comparison on those cached (h*w,) scores.
@@ -50,8 +52,8 @@ from bismap.data.samples import IGNORE_INDEX
 from bismap.evaluation.metrics import intersection_over_union
 from bismap.io import atomic_path, write_json, write_text
 from bismap.labels.gmm import ClassPrototypes, torch_dtype
-from bismap.labels.strategies import (STRATEGIES, THRESHOLD_MODES, assign_cas, assign_confidence, assign_maps,
-                                      load_matching_prototypes)
+from bismap.labels.strategies import (RESOLUTIONS, STRATEGIES, THRESHOLD_MODES, assign_cas, assign_confidence,
+                                      assign_maps, load_matching_prototypes)
 from bismap.training.checkpoint import load_model
 
 logger = logging.getLogger(__name__)
@@ -88,8 +90,13 @@ class ReportSettings:
     score_dtype: str = "float32"  # of the GMM and distance scoring, as PseudoLabelSettings.score_dtype
     chunk_rows: int = 65_536
     workers: int = 0
+    # 'image': score every image pixel on bilinearly upsampled logits and features, as the pseudo_labels rule
+    # with resolution 'image' (BiSMAP footnote 1); 'feature': score the (h, w) cells
+    resolution: str = "feature"
 
     def __post_init__(self) -> None:
+        if self.resolution not in RESOLUTIONS:
+            raise ValueError(f"pseudo_label_report.resolution must be one of {RESOLUTIONS}, got '{self.resolution}'")
         if not self.strategies.items():
             raise ValueError("pseudo_label_report.strategies names no strategy")
         if self.strategies.maps and self.strategies.maps.threshold_mode == "percentile":
@@ -348,7 +355,10 @@ def _accumulate(model: torch.nn.Module, manifest: Manifest, settings: ReportSett
     total_pixels = 0
     for item in tqdm(loader, desc="pseudo-label report", unit="img"):
         output = model(item["image"][None].to(device))  # one image at a time, as label_images
-        logits, features = output.logits[0], output.features[0]
+        logits, features = output.logits[0], output.features[0]  # (K, h, w), (D, h, w)
+        if settings.resolution == "image":  # (K, H, W), (D, H, W): one cell per image pixel
+            logits, features = (F.interpolate(tensor[None], size=tuple(item["label"].shape[-2:]), mode="bilinear",
+                                              align_corners=False)[0] for tensor in (logits, features))
         truth = cell_truth_counts(item["label"].to(device), tuple(logits.shape[-2:]), classes)  # (h*w, C+1)
         truth_per_class += truth.sum(dim=0).cpu().numpy()
         total_pixels += item["label"].numel()
