@@ -65,6 +65,17 @@ def test_update_uses_momentum_features_centroids() -> None:
     assert updated.tolist() == [[1.5, 1.0], [4.0, 0.0]]  # 0.5 * (0, 0) + 0.5 * (3, 2); class 1 kept
 
 
+def test_update_steps_once_per_image_and_skips_small_classes() -> None:
+    features = torch.cat([feature_map([[2.0, 2.0], [4.0, 2.0]]), feature_map([[6.0, 6.0], [0.0, 0.0]])])  # (2, 2, 1, 2)
+    labels = torch.tensor([[[0, 0]], [[0, 1]]])
+    updated = update_prototypes(PROTOTYPES, features, labels, momentum=0.5)
+    # class 0: image 0 -> 0.5 * (0, 0) + 0.5 * (3, 2) = (1.5, 1); image 1 -> 0.5 * (1.5, 1) + 0.5 * (6, 6) = (3.75, 3.5)
+    # (one step with the batch centroid (4, 10/3) would give (2, 5/3)); class 1: 0.5 * (4, 0) + 0.5 * (0, 0)
+    assert updated.tolist() == [[3.75, 3.5], [2.0, 0.0]]
+    at_least_two = update_prototypes(PROTOTYPES, features, labels, momentum=0.5, minimum_pixels=2)
+    assert at_least_two.tolist() == [[1.5, 1.0], [4.0, 0.0]]  # image 1 has one pixel of each class: no step
+
+
 def test_structure_kl_is_zero_for_equal_views_and_matches_hand_value() -> None:
     weak = feature_map([[1.0, 0.0]])
     assert masked_mean(*structure_kl_pixels(weak, weak.clone(), PROTOTYPES, 1.0)).item() == pytest.approx(0.0)
@@ -72,7 +83,7 @@ def test_structure_kl_is_zero_for_equal_views_and_matches_hand_value() -> None:
     values, mask = structure_kl_pixels(weak, strong, PROTOTYPES, 1.0)
     teacher = torch.tensor([-1.0, -3.0]).softmax(0)
     student = torch.tensor([-3.0, -1.0]).softmax(0)
-    expected = (teacher * (teacher.log() - student.log())).sum().item()
+    expected = (teacher * (teacher.log() - student.log())).sum().item() / 2  # mean over the K = 2 classes
     assert mask is None and values.item() == pytest.approx(expected, rel=1e-5)
 
 
@@ -88,11 +99,11 @@ def test_regularizer_is_smallest_for_uniform_predictions_with_mask() -> None:
     uniform = torch.zeros(1, 4, 1, 1)
     peaked = torch.tensor([5.0, 0.0, 0.0, 0.0]).view(1, 4, 1, 1)
     uniform_value, _ = regularization_pixels(uniform)
-    assert uniform_value.item() == pytest.approx(4 * math.log(4))
+    assert uniform_value.item() == pytest.approx(math.log(4))  # -(1/K) sum_k log(1/K), the public mean over classes
     assert regularization_pixels(peaked)[0].item() > uniform_value.item()
     both = torch.cat([uniform, peaked], dim=3)  # (1, 4, 1, 2)
     values, mask = regularization_pixels(both, mask=torch.tensor([[[True, False]]]))
-    assert masked_mean(values, mask).item() == pytest.approx(4 * math.log(4))
+    assert masked_mean(values, mask).item() == pytest.approx(math.log(4))
 
 
 def test_settings_default_to_the_paper_and_refuse_unknown_keys() -> None:

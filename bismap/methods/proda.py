@@ -11,23 +11,22 @@ What the paper defines (Sec. 4.1-4.2) and what this module computes:
   optional threshold acts on the renormalised omega * p, as the public code's
   ``train_thred`` does;
 * Eq. 5-6: prototypes are class centroids of the momentum encoder's features,
-  tracked by p <- lambda p + (1 - lambda) p_batch, lambda = 0.9999
+  tracked by eta <- lambda eta + (1 - lambda) eta', lambda = 0.9999, with one
+  step per image and class, image after image, as the public code does
   (:func:`update_prototypes`, on :mod:`bismap.methods.prototypes`);
 * Eq. 7: SCE on the denoised labels, alpha = 0.1, beta = 1
   (:func:`pseudo_label_loss_pixels`, ``bismap.losses.symmetric_cross_entropy_pixels``);
 * Eq. 8-9: KL(z_T || z_T') between the prototypical soft assignments of the
   weak view (momentum encoder) and the strong view (trainable encoder)
   (:func:`structure_kl_pixels`, ``bismap.losses.kl_divergence_pixels``);
-* Eq. 10: the regulariser -sum_k log p_k that keeps every class in use
+* Eq. 10: the regulariser -log p_k that keeps every class in use
   (:func:`regularization_pixels`).
 
-Where this follows the paper rather than its public code: the KL of Eq. 9 is a
-true per-pixel divergence (sum over classes); the public code divides it by the
-number of classes as well (its mask has the shape of the class maps), and it
-computes Eq. 10 as a mean over classes. Both public terms are therefore K times
-smaller than Eq. 9-10 as printed, so the paper's gamma_1 = 10 and gamma_2 = 0.1
-weigh them K times more here than in the public runs. The defaults keep the
-paper's numbers; a faithful reproduction of the public runs would use gamma / K.
+Normalisation (the project's rule: loss terms are normalised as the public
+code does): Eq. 9 and Eq. 10 print sums over classes, the public code takes
+means over classes (and pixels), so both are divided by K here and the
+paper's gamma_1 = 10, gamma_2 = 0.1 (the public run's ``--proto_consistW 10
+--regular_w 0.1``) weigh them as the public runs do.
 """
 
 from __future__ import annotations
@@ -39,7 +38,8 @@ from torch.nn import functional as F
 
 from bismap.data.samples import IGNORE_INDEX
 from bismap.losses import PixelLosses, kl_divergence_pixels, symmetric_cross_entropy_pixels
-from bismap.methods.prototypes import absent_classes, class_centroids, momentum_update, pixel_distances
+from bismap.methods.prototypes import (absent_classes, centroids_from_sums, class_feature_sums,
+                                       momentum_update, pixel_distances)
 
 
 @dataclass(frozen=True)
@@ -51,8 +51,8 @@ class ProdaSettings:
     confidence_threshold: float = 0.0  # none (Sec. 5.4, Table 4); on the renormalised omega * p
     sce_alpha: float = 0.1  # Eq. 7 (Sec. 4.1, App. A Table 9)
     sce_beta: float = 1.0  # Eq. 7
-    kl_weight: float = 10.0  # gamma_1 of Eq. 11 (Sec. 4.2, App. A Table 10)
-    regularization_weight: float = 0.1  # gamma_2 of Eq. 11 (0 for SYNTHIA, App. A)
+    kl_weight: float = 10.0  # gamma_1 of Eq. 11 (Sec. 4.2, Table 10), on the KL / K (public --proto_consistW 10)
+    regularization_weight: float = 0.1  # gamma_2 of Eq. 11 (0 for SYNTHIA), on a mean over classes (--regular_w 0.1)
     ema_decay: float = 0.999  # momentum encoder f~: the paper gives no value; 0.999 in the public code
 
     def __post_init__(self) -> None:
@@ -72,8 +72,11 @@ def prototype_logits(features: torch.Tensor, prototypes: torch.Tensor, temperatu
 def prototype_weights(features: torch.Tensor, prototypes: torch.Tensor, temperature: float) -> torch.Tensor:
     """ProDA Eq. 4: omega (B, K, h, w), softmax over classes of the negative distances / tau.
 
-    ``features`` are the momentum encoder's (B, D, h, w); ``prototypes`` (K, D)
-    need at least one present class (an absent one gets weight 0).
+    ``features`` are the momentum encoder's (B, D, h, w), raw (not normalised);
+    ``prototypes`` (K, D) need at least one present class (an absent one gets
+    weight 0). public code: models/adaptation_modelv2.py:348-355 is this
+    computation, but multiplies the distances by ``--proto_temperature`` (an
+    inverse temperature, default 1) where Eq. 4 divides by tau; the same at 1.
     """
     if bool(absent_classes(prototypes).all()):
         raise ValueError("prototype_weights needs at least one class with a prototype")
@@ -100,16 +103,25 @@ def rectify_pseudo_labels(soft_labels: torch.Tensor, weights: torch.Tensor, thre
 
 
 def update_prototypes(prototypes: torch.Tensor, momentum_features: torch.Tensor, labels: torch.Tensor,
-                      momentum: float) -> torch.Tensor:
-    """ProDA Eq. 6: blend in the batch centroids (Eq. 5 on the batch) of the momentum encoder's features.
+                      momentum: float, minimum_pixels: int = 1) -> torch.Tensor:
+    """ProDA Eq. 6 as the public code applies it: one momentum step per image and per class of that image.
 
     prototypes (K, D), NaN for classes never seen; momentum_features
-    (B, D, h, w); labels (B, h, w), 255 = ignore (the paper does not say which
-    labels: the denoised pseudo-labels of Eq. 3 are the natural choice, Eq. 5
-    being written with y^_t).
+    (B, D, h, w); labels (B, h, w), 255 = ignore. For each image in batch
+    order, each class with at least ``minimum_pixels`` pixels there moves its
+    prototype towards that image's centroid (Eq. 5 on one image), so a class
+    seen in n images moves n times per batch (public code:
+    models/adaptation_modelv2.py:256-259 loops over calculate_mean_vector's
+    per-image vectors, 113-141, which skips classes with < 10 pixels, line 133).
     """
-    batch_prototypes = class_centroids(momentum_features.detach(), labels, prototypes.shape[0])  # (K, D)
-    return momentum_update(prototypes, batch_prototypes, momentum)
+    if minimum_pixels < 1:
+        raise ValueError(f"minimum_pixels must be >= 1, got {minimum_pixels}")
+    updated = prototypes.detach()
+    for image_features, image_labels in zip(momentum_features.detach(), labels):  # (D, h, w), (h, w)
+        sums, counts = class_feature_sums(image_features[None], image_labels[None], prototypes.shape[0])
+        counts = torch.where(counts >= minimum_pixels, counts, torch.zeros_like(counts))  # (K,)
+        updated = momentum_update(updated, centroids_from_sums(sums, counts), momentum)  # NaN rows: no step
+    return updated
 
 
 def pseudo_label_loss_pixels(logits: torch.Tensor, labels: torch.Tensor, settings: ProdaSettings) -> PixelLosses:
@@ -119,21 +131,27 @@ def pseudo_label_loss_pixels(logits: torch.Tensor, labels: torch.Tensor, setting
 
 def structure_kl_pixels(weak_momentum_features: torch.Tensor, strong_features: torch.Tensor,
                         prototypes: torch.Tensor, temperature: float, mask: torch.Tensor | None = None) -> PixelLosses:
-    """ProDA Eq. 8-9 per pixel: KL(z_T || z_T'), z = softmax_k(-||f - eta_k|| / tau).
+    """ProDA Eq. 8-9 per pixel: KL(z_T || z_T') / K, z = softmax_k(-||f - eta_k|| / tau).
 
     weak_momentum_features: f~(T(x)) (B, D, h, w), the teacher (no gradient);
     strong_features: f(T'(x)) (B, D, h, w) from the trainable encoder, at the
     same pixels (the caller maps the weak view onto the strong one). mask
     (B, h, w): the pixels present in both views. Absent classes are dropped
-    (their assignment is 0 in both views and would only add 0 * log 0).
+    (their assignment is 0 in both views and would only add 0 * log 0). The
+    divergence is divided by K, all classes (the public code's mean over classes).
     """
     present = prototypes[~absent_classes(prototypes)]  # (K', D)
     teacher_logits = prototype_logits(weak_momentum_features.detach(), present, temperature)  # (B, K', h, w)
     student_logits = prototype_logits(strong_features, present, temperature)
-    return kl_divergence_pixels(teacher_logits, student_logits, mask)
+    divergence, kept = kl_divergence_pixels(teacher_logits, student_logits, mask)  # (B, h, w)
+    # public code: models/adaptation_modelv2.py:247-248 averages the (B, K, h, w) terms, i.e. divides by K
+    return divergence / prototypes.shape[0], kept
 
 
 def regularization_pixels(logits: torch.Tensor, mask: torch.Tensor | None = None) -> PixelLosses:
-    """ProDA Eq. 10 per pixel: -sum_k log p_k (B, h, w), smallest for a uniform p (keeps every class in use)."""
-    per_pixel = -F.log_softmax(logits.float(), dim=1).sum(dim=1)  # (B, h, w)
+    """ProDA Eq. 10 per pixel, as a mean over classes: -(1/K) sum_k log p_k (B, h, w), smallest (log K) at uniform p.
+
+    public code: models/adaptation_modelv2.py:274-275 (``MRKLD``) divides the sum by B*K*h*w.
+    """
+    per_pixel = -F.log_softmax(logits.float(), dim=1).mean(dim=1)  # (B, h, w)
     return per_pixel, None if mask is None else mask.to(per_pixel.dtype)

@@ -8,8 +8,8 @@ is ProDA Eq. 11::
 
     L = L_ce(x^s)                      source cross-entropy
       + L_sce(x^t, y^)                 SCE on the denoised labels          (Eq. 7)
-      + gamma_1 KL(z(x^t) || z(phi))   prototype assignments, weak || strong (Eq. 8-9)
-      + gamma_2 L_reg(x^t)             -sum_k log p_k                      (Eq. 10)
+      + gamma_1 KL(z(x^t) || z(phi))   prototype assignments, weak || strong (Eq. 8-9), / K
+      + gamma_2 L_reg(x^t)             -(1/K) sum_k log p_k                (Eq. 10)
 
 The denoised label y^ = argmax_k(omega_k p_{t,0,k}) (Eq. 3) combines the FIXED
 soft prediction p_{t,0} of the warmed-up model (a frozen copy, evaluated on the
@@ -17,9 +17,10 @@ same weak view: it equals the stored soft labels of the public code without
 writing them) with the prototype weights omega of the momentum encoder's
 features (Eq. 4). The prototypes start as the class centroids of the warmup's
 target-train features under its own labels (as ProDA's initialisation pass
-does) and follow Eq. 6 with the batch centroids of y^. They are part of the
-resume state. One process only: the prototype update is not synchronised
-across processes yet.
+does) and follow Eq. 6 after each step as the public code updates them: one
+momentum step per image and class, with the momentum encoder's features and
+its own argmax labels. They are part of the resume state. One process only:
+the prototype update is not synchronised across processes yet.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from bismap.methods.proda import (ProdaSettings, prototype_weights, pseudo_label
                                   rectify_pseudo_labels, regularization_pixels, structure_kl_pixels,
                                   update_prototypes)
 from bismap.methods.prototypes import centroids_from_sums
+from bismap.models.deeplab import SegmentationOutput
 from bismap.training.adaptation import (AdaptationRun, Batch, DomainData, WarmupInputs, image_cross_entropy,
                                         launch_one_process, pixel_mean, seeded_start, train_and_save)
 from bismap.training.checkpoint import fingerprint
@@ -47,6 +49,11 @@ from bismap.training.supervised import RunPaths, TrainSettings
 from bismap.training.target_pass import own_label_class_sums
 
 logger = logging.getLogger(__name__)
+
+# Eq. 6 per image: the public code skips a class with < 10 pixels in an image (models/adaptation_modelv2.py:133),
+# on the full 2048 x 1024 image at 1/4 resolution (512 x 256 positions: 10 is 0.008%); on the digit scenes' 8 x 8
+# feature maps 10 pixels would be 16% of the image, so any pixel of a class counts here.
+PROTOTYPE_MINIMUM_PIXELS = 1
 
 
 @dataclass(frozen=True)
@@ -92,33 +99,36 @@ class ProdaStep:
                                                         self.settings.strong_augment, self.settings.training.seed,
                                                         iteration, self.context)  # each (b, K|D, h, w)
         strong_features = features[2]  # (b, D, h, w)
-        labels, momentum_features = self._denoised_labels(target_images)  # (b, h, w), (b, D, h, w)
+        labels, momentum_output = self._denoised_labels(target_images)  # (b, h, w); f~ (b, D, h, w), logits
         valid = geometry.valid(tuple(strong_features.shape[-2:]))  # (b, h, w)
         terms = {"source_ce": image_cross_entropy(logits[0], source["label"].to(self.device), self.context),
                  "target_sce": pixel_mean(pseudo_label_loss_pixels(logits[1], labels, proda), self.context),
-                 "structure_kl": pixel_mean(structure_kl_pixels(geometry.warp(momentum_features), strong_features,
-                                                                self.bank.prototypes, proda.temperature, valid),
-                                            self.context),
+                 "structure_kl": pixel_mean(structure_kl_pixels(geometry.warp(momentum_output.features),
+                                                                strong_features, self.bank.prototypes,
+                                                                proda.temperature, valid), self.context),
                  "regularization": pixel_mean(regularization_pixels(logits[1]), self.context)}
         loss = terms["source_ce"] + terms["target_sce"] + proda.kl_weight * terms["structure_kl"] \
             + proda.regularization_weight * terms["regularization"]  # Eq. 11
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
+        # Eq. 6 after the step, as the public code (models/adaptation_modelv2.py:256-259): Eq. 4 and Eq. 8
+        # above used the same prototypes; the update takes the momentum encoder's own argmax labels
+        self.bank.prototypes.copy_(update_prototypes(self.bank.prototypes, momentum_output.features,
+                                                     momentum_output.logits.argmax(dim=1), proda.prototype_momentum,
+                                                     PROTOTYPE_MINIMUM_PIXELS))
         update_ema(self.momentum, unwrap_model(self.network), proda.ema_decay)
         return {"loss": loss, **terms}
 
     @torch.no_grad()
-    def _denoised_labels(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Eq. 3-4 on the weak view, then the Eq. 6 prototype update; labels (b, h, w), features (b, D, h, w)."""
+    def _denoised_labels(self, images: torch.Tensor) -> tuple[torch.Tensor, SegmentationOutput]:
+        """Eq. 3-4 on the weak view: labels (b, h, w) and the momentum encoder's output (features, logits)."""
         proda = self.settings.proda
-        features = self.momentum(images).features  # f~ (b, D, h, w)
+        momentum_output = self.momentum(images)  # f~: features (b, D, h, w), logits (b, K, h, w)
         soft_labels = self.warmup(images).logits.softmax(dim=1)  # p_{t,0} (b, K, h, w)
-        weights = prototype_weights(features, self.bank.prototypes, proda.temperature)  # omega, Eq. 4
+        weights = prototype_weights(momentum_output.features, self.bank.prototypes, proda.temperature)  # Eq. 4
         labels, _ = rectify_pseudo_labels(soft_labels, weights, proda.confidence_threshold)  # Eq. 3
-        self.bank.prototypes.copy_(update_prototypes(self.bank.prototypes, features, labels,
-                                                     proda.prototype_momentum))  # Eq. 6
-        return labels, features
+        return labels, momentum_output
 
 
 def proda_train(inputs: ProdaInputs, paths: RunPaths, settings: ProdaTrainSettings, device: torch.device,
