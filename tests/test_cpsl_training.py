@@ -37,7 +37,8 @@ def train(data: dict, folder, settings: CpslTrainSettings) -> tuple[dict, list[d
 
 
 def test_head_and_class_distribution_start_from_the_warmups_own_labels(data):  # noqa: F811
-    """Eq. 10: each class's share of the argmax pixels; Eq. 7: the mean unit feature of each class, by hand."""
+    """Eq. 10: each class's share of the argmax pixels; Eq. 7: the mean unit feature of each class, by hand,
+    scaled to unit length as the public code initialises its prototypes (train.py:48-51)."""
     model = load_model(data["folder"] / "warmup.pt")[0].eval()
     weights, distribution = initial_head_and_distribution(model, data["folder"] / "target_train.json", 11,
                                                           torch.device("cpu"))
@@ -51,7 +52,8 @@ def test_head_and_class_distribution_start_from_the_warmups_own_labels(data):  #
     assert float(distribution.sum()) == pytest.approx(1.0, abs=1e-12)
     for class_id in range(11):
         expected = features[labels == class_id].mean(dim=0) if counts[class_id] else torch.zeros(features.shape[1])
-        assert torch.allclose(weights[class_id], expected, atol=1e-5)
+        assert torch.allclose(weights[class_id], F.normalize(expected, dim=0), atol=1e-5)
+        assert float(weights[class_id].norm()) == pytest.approx(1.0 if counts[class_id] else 0.0, abs=1e-5)
 
 
 def test_the_memory_bank_keeps_the_newest_rows_in_order():
@@ -93,12 +95,30 @@ def test_one_step_moves_the_class_distribution_by_eq_11_and_fills_the_bank(data)
     with torch.no_grad():
         labels, _ = rectify_pseudo_labels(warmup(images).logits.softmax(dim=1),
                                           cluster_probabilities(momentum(images).features, head.weights, 0.08))
+        logits = F.normalize(momentum(images).logits, dim=1)  # (2, K, 8, 8), before the momentum update
     image_distributions = image_class_distribution(labels, 11)  # (2, K)
     source = {"image": torch.randn(2, 3, 32, 32, generator=generator), "label": torch.zeros(2, 32, 32).long()}
-    step(source, {"image": images}, 0)
+    terms = step(source, {"image": images}, 0)
     expected = 0.25 * distribution + 0.25 * image_distributions[0] + 0.5 * image_distributions[1]
     assert torch.allclose(state.class_distribution, expected, atol=1e-12)
     assert int(state.filled) == labels.numel()  # 2 x 8 x 8 pixels, fewer than M = 512 per image: all sampled
+    # the second bank holds the momentum network's unit-length logits of the same pixels (public queue_out)
+    assert torch.allclose(state.outputs(), torch.cat([image.flatten(1).T for image in logits]), atol=1e-6)
+    assert _leaves(terms["self_labeling"]) == {id(head.weights)}  # L_SL trains the head only
+
+
+def _leaves(tensor: torch.Tensor) -> set[int]:
+    """ids of the parameters a loss term's graph reaches (the graph's AccumulateGrad nodes)."""
+    found, stack, seen = set(), [tensor.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        if hasattr(node, "variable"):
+            found.add(id(node.variable))
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return found
 
 
 def test_resume_after_interruption_matches_uninterrupted_run(data, tmp_path, monkeypatch):  # noqa: F811

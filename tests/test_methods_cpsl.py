@@ -109,13 +109,15 @@ def test_distribution_alignment_hand_values() -> None:
     assert updated.tolist() == pytest.approx([0.9 * 0.5 + 0.1 * 2 / 3, 0.9 * 0.5 + 0.1 / 3])
 
 
-def test_consistency_is_symmetric_kl() -> None:
+def test_consistency_is_one_direction_kl_averaged_over_classes() -> None:
+    """Eq. 13 as the public code computes it: KL(P_w || P_s) / K (was the symmetric sum, 1.8356, here 0.5034)."""
     weak = torch.tensor([1.0, 0.0]).view(1, 2, 1, 1)
     strong = torch.tensor([0.0, 2.0]).view(1, 2, 1, 1)
     p, q = weak.flatten().softmax(0), strong.flatten().softmax(0)
-    expected = (p * (p / q).log()).sum() + (q * (q / p).log()).sum()
+    expected = (p * (p / q).log()).sum() / 2  # K = 2
     values, mask = consistency_pixels(weak, strong, torch.ones(1, 1, 1, dtype=torch.bool))
     assert values.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert values.item() == pytest.approx(0.5034211, rel=1e-5)
     assert masked_mean(*consistency_pixels(weak, weak.clone())).item() == pytest.approx(0.0, abs=1e-7)
 
 

@@ -20,16 +20,21 @@ What the paper defines (Sec. 3.2-3.4) and what this module computes:
 * Eq. 8, 10-11: distribution alignment, the per-image class distribution
   delta_n and its moving average delta_pseudo (:func:`image_class_distribution`,
   :func:`class_distribution_from_counts`, :func:`update_class_distribution`);
-* Eq. 13: the symmetric KL between the weak view (momentum network) and the
-  strong view (:func:`consistency_pixels`).
+* Eq. 13 as the public code computes it (:func:`consistency_pixels`):
+  KL(P_w || P_s) only, averaged over the classes;
+* the public code's recipe beyond the paper: a second self-labelling target,
+  the Sinkhorn-Knopp transport of the momentum network's L2-normalised
+  segmentation logits (:func:`output_rows`), and the symmetric cross-entropy on
+  the rectified labels (:func:`target_label_pixels`).
 
 Where this follows the paper rather than its public code: the public code keeps
-r fixed at the warmup distribution (no Eq. 11), samples pixels uniformly (no
-Eq. 9) and does not apply the rectification of Eq. 1 (the multiplication is
-commented out); all three are implemented here as the paper describes them.
-The Sinkhorn iteration count is not in the paper: 3 is the public code's
-default (as in SwAV). The iterations run in the log domain, which is the same
-algorithm without the overflow of exp(score / 0.05) for large scores.
+r fixed at the warmup distribution (no Eq. 11) and samples pixels uniformly
+(no Eq. 9); both are implemented here as the paper describes them. The public
+code does apply the rectification of Eq. 1 (``--proto_rectify`` in its README
+command; models/adaptation_modelv2.py:227-233). The Sinkhorn iteration count
+is not in the paper: 3 is the public code's default (as in SwAV). The
+iterations run in the log domain, which is the same algorithm without the
+overflow of exp(score / 0.05) for large scores.
 """
 
 from __future__ import annotations
@@ -41,7 +46,7 @@ import torch
 from torch.nn import functional as F
 
 from bismap.data.samples import IGNORE_INDEX
-from bismap.losses import PixelLosses, kl_divergence_pixels
+from bismap.losses import PixelLosses, kl_divergence_pixels, symmetric_cross_entropy_pixels
 from bismap.methods.prototypes import class_centroids, class_pixel_counts  # counts: Eq. 10's numerator
 
 
@@ -58,6 +63,8 @@ class CpslSettings:
     memory_length: int = 65_536  # pixel features in the memory bank (Sec. 3.2, 4.1)
     distribution_momentum: float = 0.999  # alpha of Eq. 11: not in the paper; its other momenta (Sec. 4.1)
     ema_decay: float = 0.999  # momentum networks f'_SEG, f'_SL (Sec. 4.1)
+    target_ce_weight: float = 0.1  # not in the paper: the public code's --rce with rce_alpha 0.1 ...
+    target_reverse_ce_weight: float = 1.0  # ... and rce_beta 1.0 (public code: parser_train.py:52-54)
 
     def __post_init__(self) -> None:
         if self.epsilon <= 0 or self.temperature <= 0:
@@ -66,6 +73,8 @@ class CpslSettings:
             raise ValueError("cpsl.sinkhorn_iterations and samples_per_image must be >= 1, memory_length >= 0")
         if not 0.0 <= self.distribution_momentum <= 1.0 or not 0.0 <= self.ema_decay <= 1.0:
             raise ValueError("cpsl.distribution_momentum and cpsl.ema_decay must be in [0, 1]")
+        if self.target_ce_weight < 0 or self.target_reverse_ce_weight < 0:
+            raise ValueError("cpsl.target_ce_weight and cpsl.target_reverse_ce_weight must be >= 0")
 
 
 def _checked_distribution(distribution: torch.Tensor) -> torch.Tensor:
@@ -196,13 +205,35 @@ def class_balanced_sample(labels: torch.Tensor, samples: int, generator: torch.G
 
 def consistency_pixels(weak_logits: torch.Tensor, strong_logits: torch.Tensor,
                        mask: torch.Tensor | None = None) -> PixelLosses:
-    """CPSL Eq. 13 per pixel: KL(P_w || P_s) + KL(P_s || P_w), P_w from the momentum network (no gradient).
+    """CPSL Eq. 13 as the public code computes it, per pixel: KL(P_w || P_s) / K.
 
-    Both (B, K, h, w) logits at the same pixels; mask (B, h, w) as in
-    ``bismap.losses.kl_divergence_pixels``, which gives the first term.
+    Both (B, K, h, w) logits at the same pixels, P_w from the momentum network
+    (no gradient); mask (B, h, w) as in ``bismap.losses.kl_divergence_pixels``.
+    The paper prints the symmetric KL summed over classes; the public code takes
+    one direction, F.kl_div(log P_s, P_w), and divides its masked sum by the
+    count of (pixel, class) entries (public code: models/adaptation_modelv2.py:344-345),
+    so lambda_2 = 5 weighs this per-pixel mean.
     """
-    forward, mask = kl_divergence_pixels(weak_logits, strong_logits, mask)  # (B, h, w)
-    strong_log = F.log_softmax(strong_logits.float(), dim=1)
-    weak_log = F.log_softmax(weak_logits.detach().float(), dim=1)
-    reverse = (strong_log.exp() * (strong_log - weak_log)).sum(dim=1)  # KL(P_s || P_w)
-    return forward + reverse, mask
+    forward, mask = kl_divergence_pixels(weak_logits, strong_logits, mask)  # (B, h, w), summed over K
+    return forward / weak_logits.shape[1], mask
+
+
+def output_rows(logits: torch.Tensor, indices: list[torch.Tensor]) -> torch.Tensor:
+    """The sampled pixels' L2-normalised logits (M, K) of (b, K, h, w) maps; indices[i]: flat indices of image i.
+
+    The public code's second self-labelling target runs Sinkhorn-Knopp on the
+    momentum network's segmentation logits normalised to unit length per pixel
+    (public code: models/adaptation_modelv2.py:251-255, 279-298).
+    """
+    rows = torch.cat([image.flatten(1)[:, index].T for image, index in zip(logits, indices)])  # (M, K)
+    return F.normalize(rows.float(), dim=1)
+
+
+def target_label_pixels(logits: torch.Tensor, labels: torch.Tensor, settings: CpslSettings) -> PixelLosses:
+    """L_SEG^t (Eq. 2) as the public code trains it: 0.1 CE + 1.0 reverse CE on the rectified labels (B, h, w).
+
+    Public code: models/adaptation_modelv2.py:300-302 and its rce() at 372-380
+    (one-hot clamped to [1e-4, 1], both terms means over labelled pixels).
+    """
+    return symmetric_cross_entropy_pixels(logits, labels, settings.target_ce_weight,
+                                          settings.target_reverse_ce_weight)

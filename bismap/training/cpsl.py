@@ -6,18 +6,30 @@ iteration, one source and one target batch go through the student with the
 target's strong view (the BiSMAP strong view), and the loss is CPSL Eq. 14::
 
     L = L_ce(x^s)                       source cross-entropy
-      + L_ST(x^t, Y)                    CE on the rectified labels Y = argmax(P_SL * P_ST)   (Eq. 1-2)
-      + lambda_1 L_SL                   self-labelling: -sum_c q_c log p_c on M pixels/image (Eq. 4-5, 9)
-      + lambda_2 L_cons                 symmetric KL of the cluster assignments P_SL,
+      + L_ST(x^t, Y)                    0.1 CE + 1.0 reverse CE on the rectified labels
+                                        Y = argmax(P_SL * P_ST)                              (Eq. 1-2)
+      + lambda_1 L_SL                   self-labelling: -sum_c q_c log p_c on M pixels/image (Eq. 4-5, 9),
+                                        two targets q: Sinkhorn of the head's scores and of
+                                        the momentum network's normalised logits
+      + lambda_2 L_cons                 KL(P_w || P_s) / K of the cluster assignments P_SL,
                                         momentum weak view vs student strong view           (Eq. 13)
+
+L_SL scores the MOMENTUM network's features with the trainable head f_SL, so it
+trains only the head (Fig. 1, Algorithm 1 lines 7-15; public code:
+models/adaptation_modelv2.py:211-216, 243-298, where the features come from the
+EMA network under no_grad and only ``self.prototypes`` receives the gradient).
+The target-label term, the second self-labelling target and the per-class mean
+of Eq. 13 are the public code's (its README's stage-1 command: --rce,
+--proto_consistW 5, --SL_lambda 0.1).
 
 P_ST is the FIXED soft prediction of the warmed-up model (a frozen copy on the
 same weak view, as ProDA's p_{t,0}); P_SL is the momentum network's self-labelling
 head on its weak-view features. The soft self-labels q of the sampled pixels are
-the Sinkhorn-Knopp transport (Eq. 6, 12) of the momentum head's scores over
-[memory bank; current pixels] with class marginals delta_pseudo, which follows
-the rectified labels (Eq. 8, 11). The head f_SL (K x D cosine classifier)
-starts at the centroids of the warmup's normalised target features (Eq. 7) and
+the Sinkhorn-Knopp transport (Eq. 6, 12) of the trainable head's scores of the
+momentum features over [memory bank; current pixels] with class marginals
+delta_pseudo, which follows the rectified labels (Eq. 8, 11). The head f_SL
+(K x D cosine classifier) starts at the unit-length centroids of the warmup's
+normalised target features (Eq. 7) and
 delta_pseudo at its class shares (Eq. 10). The consistency term compares the
 cluster assignments softmax(f'_SL(z) / tau) of the two views, as the public code
 does (its ``proto_consistW`` term, with the momentum head for both views); the
@@ -39,11 +51,10 @@ import torch
 from torch.nn import functional as F
 
 from bismap.data.strong_augment import StrongAugmentSettings
-from bismap.losses import weighted_cross_entropy_pixels
 from bismap.methods.cpsl import (CpslSettings, class_balanced_sample, class_distribution_from_counts,
                                  cluster_logits, consistency_pixels, image_class_distribution,
-                                 online_assignments, self_labeling_loss_pixels, self_labeling_scores,
-                                 update_class_distribution)
+                                 online_assignments, output_rows, self_labeling_loss_pixels,
+                                 self_labeling_scores, target_label_pixels, update_class_distribution)
 from bismap.methods.proda import rectify_pseudo_labels
 from bismap.methods.prototypes import centroids_from_sums
 from bismap.training.adaptation import (AdaptationRun, Batch, DomainData, WarmupInputs, image_cross_entropy,
@@ -78,16 +89,19 @@ class SelfLabelingHead(torch.nn.Module):
 
 
 class SelfLabelingState(torch.nn.Module):
-    """delta_pseudo (K,) and the memory bank of momentum features (L, D), as buffers for the resume state.
+    """delta_pseudo (K,) and two memory banks, as buffers for the resume state.
 
-    The bank has a fixed size (a buffer's shape cannot change across a resume);
-    ``filled`` says how many of its newest rows hold features yet.
+    ``memory`` (L, D) holds momentum features, ``output_memory`` (L, K) the
+    momentum network's normalised logits of the same pixels (the public code's
+    ``queue`` and ``queue_out``). The banks have a fixed size (a buffer's shape
+    cannot change across a resume); ``filled`` says how many newest rows hold data.
     """
 
     def __init__(self, class_distribution: torch.Tensor, memory_length: int, feature_dim: int) -> None:
         super().__init__()
         self.register_buffer("class_distribution", class_distribution.double().clone())
         self.register_buffer("memory", torch.zeros(memory_length, feature_dim))
+        self.register_buffer("output_memory", torch.zeros(memory_length, class_distribution.numel()))
         self.register_buffer("filled", torch.zeros((), dtype=torch.long))
 
     def features(self) -> torch.Tensor | None:
@@ -95,13 +109,21 @@ class SelfLabelingState(torch.nn.Module):
         count = int(self.filled)
         return self.memory[self.memory.shape[0] - count:] if count else None
 
-    def push(self, rows: torch.Tensor) -> None:
-        """Append (m, D) rows, dropping the oldest (first-in first-out)."""
+    def outputs(self) -> torch.Tensor | None:
+        """The stored normalised logits (n, K), oldest first, or None while the bank is empty."""
+        count = int(self.filled)
+        return self.output_memory[self.output_memory.shape[0] - count:] if count else None
+
+    def push(self, rows: torch.Tensor, output_rows: torch.Tensor | None = None) -> None:
+        """Append (m, D) feature rows and their (m, K) logit rows, dropping the oldest (first-in first-out)."""
         length = self.memory.shape[0]
         if length == 0:
             return
         rows = rows.detach()[-length:]
         self.memory.copy_(torch.cat([self.memory[rows.shape[0]:], rows.to(self.memory.dtype)]))
+        if output_rows is not None:
+            output_rows = output_rows.detach()[-length:].to(self.output_memory.dtype)
+            self.output_memory.copy_(torch.cat([self.output_memory[output_rows.shape[0]:], output_rows]))
         self.filled.fill_(min(length, int(self.filled) + rows.shape[0]))
 
 
@@ -109,11 +131,15 @@ def initial_head_and_distribution(model: torch.nn.Module, manifest_path: Path, n
                                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Eq. 7 and 10 from the warmup's own hard labels Y_ST: head weights (K, D), delta_pseudo|_0 (K,).
 
-    A class the warmup never predicts gets a zero row (cosine 0 with everything)
-    and no share of the transport, until Eq. 11 gives it one.
+    The centroids are scaled to unit length, as the public code initialises its
+    prototypes (train.py:48-51): the head is a cosine classifier, so this only
+    sets the step size its gradient takes. A class the warmup never predicts
+    gets a zero row (cosine 0 with everything) and no share of the transport,
+    until Eq. 11 gives it one.
     """
     sums, counts = own_label_class_sums(model, manifest_path, num_classes, device, normalize=True)
-    return centroids_from_sums(sums, counts).nan_to_num(0.0), class_distribution_from_counts(counts)
+    centroids = centroids_from_sums(sums, counts).nan_to_num(0.0)  # (K, D)
+    return F.normalize(centroids, dim=1), class_distribution_from_counts(counts)
 
 
 def pixel_rows(maps: torch.Tensor, indices: list[torch.Tensor]) -> torch.Tensor:
@@ -140,15 +166,16 @@ class CpslStep:
         logits, features, geometry = three_view_forward(self.network, source_images, target_images,
                                                         self.settings.strong_augment, self.settings.training.seed,
                                                         iteration, self.context)  # each (b, K|D, h, w)
-        _, target_features, strong_features = features
-        labels, weak_clusters, indices, assignments = self._self_labels(target_images, iteration)
+        strong_features = features[2]
+        labels, weak_clusters, sampled, targets = self._self_labels(target_images, iteration)
         strong_clusters = cluster_logits(strong_features, self.momentum_head.weights, cpsl.temperature)
-        scores = self_labeling_scores(pixel_rows(target_features, indices), self.head.weights)  # (M, K)
+        scores = self_labeling_scores(sampled, self.head.weights)  # (M, K): momentum features, trainable head
         valid = geometry.valid(tuple(logits[2].shape[-2:]))  # (b, h, w)
+        self_labeling = sum(pixel_mean(self_labeling_loss_pixels(scores, assignments, cpsl.temperature),
+                                       self.context) for assignments in targets)  # public code :258-298
         terms = {"source_ce": image_cross_entropy(logits[0], source["label"].to(self.device), self.context),
-                 "target_ce": pixel_mean(weighted_cross_entropy_pixels(logits[1], labels), self.context),
-                 "self_labeling": pixel_mean(self_labeling_loss_pixels(scores, assignments, cpsl.temperature),
-                                             self.context),
+                 "target_ce": pixel_mean(target_label_pixels(logits[1], labels, cpsl), self.context),
+                 "self_labeling": self_labeling,
                  "consistency": pixel_mean(consistency_pixels(geometry.warp(weak_clusters), strong_clusters, valid),
                                            self.context)}
         loss = terms["source_ce"] + terms["target_ce"] + cpsl.self_labeling_weight * terms["self_labeling"] \
@@ -161,9 +188,10 @@ class CpslStep:
         return {"loss": loss, **terms}
 
     @torch.no_grad()
-    def _self_labels(self, images: torch.Tensor,
-                     iteration: int) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], torch.Tensor]:
-        """Eq. 1, 8-12 on the weak view: labels Y (b, h, w), cluster logits (b, K, h, w), sampled pixels, their q."""
+    def _self_labels(self, images: torch.Tensor, iteration: int
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """Eq. 1, 8-12 on the weak view: labels Y (b, h, w), cluster logits (b, K, h, w),
+        the sampled unit momentum features (M, D) and their two self-label targets q (M, K) each."""
         cpsl = self.settings.cpsl
         momentum = self.momentum(images)
         soft_labels = self.warmup(images).logits.softmax(dim=1)  # P_ST (b, K, h, w)
@@ -176,13 +204,17 @@ class CpslStep:
         indices = [class_balanced_sample(image.flatten(), cpsl.samples_per_image, generator)
                    for image in labels]  # Eq. 9
         features = pixel_rows(F.normalize(momentum.features, dim=1), indices)  # (M, D)
-        memory = self.state.features()
-        memory_scores = None if memory is None else self_labeling_scores(memory, self.momentum_head.weights)
-        assignments = online_assignments(self_labeling_scores(features, self.momentum_head.weights), memory_scores,
-                                         self.state.class_distribution, cpsl.epsilon,
-                                         cpsl.sinkhorn_iterations)  # Eq. 6, 12
-        self.state.push(features)
-        return labels, clusters, indices, assignments
+        outputs = output_rows(momentum.logits, indices)  # (M, K)
+        head = self.head.weights.detach()  # Eq. 6 scores with f_SL itself (public code :260-267, self.prototypes)
+        memory, memory_outputs = self.state.features(), self.state.outputs()
+        memory_scores = None if memory is None else self_labeling_scores(memory, head)
+        distribution = self.state.class_distribution
+        feature_targets = online_assignments(self_labeling_scores(features, head), memory_scores, distribution,
+                                             cpsl.epsilon, cpsl.sinkhorn_iterations)  # Eq. 6, 12
+        output_targets = online_assignments(outputs, memory_outputs, distribution, cpsl.epsilon,
+                                            cpsl.sinkhorn_iterations)  # public code :279-293
+        self.state.push(features, outputs)
+        return labels, clusters, features, (feature_targets, output_targets)
 
 
 def cpsl_train(inputs: CpslInputs, paths: RunPaths, settings: CpslTrainSettings, device: torch.device,
