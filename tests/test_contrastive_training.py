@@ -91,3 +91,51 @@ def test_resume_after_interruption_matches_uninterrupted_run(data, tmp_path, mon
     header = (tmp_path / "resumed" / "loss.tsv").read_text().splitlines()[0].split("\t")
     assert header[:8] == ["iteration", "loss", "source_ce", "target_ce", "source_entropy", "target_entropy",
                           "forward_contrast", "backward_contrast"]
+
+
+def first_step_terms(data: dict, source: dict, target: dict, **overrides) -> dict[str, float]:  # noqa: F811
+    """The terms of one step from the warmup, in eval mode (no dropout: equal forwards for equal images)."""
+    step, model = make_step(data, **overrides)
+    model.eval()
+    return {name: float(value.detach()) for name, value in step(source, target, 0).items()}
+
+
+def test_pair_scope_averages_the_pairs_of_image_i_with_image_i(data):  # noqa: F811
+    """prototype_scope "pair" (public damnet_trainer.py:143-147): each term is the mean over the pairs, each pair
+    with its own prototypes; it equals the mean of two one-image batches and differs from "batch"."""
+    source, target = batches(torch.Generator().manual_seed(4))
+    pairs = first_step_terms(data, source, target)
+    singles = [first_step_terms(data, {key: value[index:index + 1] for key, value in source.items()},
+                                {key: value[index:index + 1] for key, value in target.items()}) for index in (0, 1)]
+    pooled = first_step_terms(data, source, target, prototype_scope="batch")
+    for name in ("forward_contrast", "backward_contrast"):
+        assert pairs[name] == pytest.approx((singles[0][name] + singles[1][name]) / 2, rel=1e-4)
+        assert pairs[name] != pytest.approx(pooled[name], rel=1e-3)
+
+
+def test_static_only_labels_make_the_contrastive_terms_ignore_the_dynamic_labels(data):  # noqa: F811
+    """label_priority "static_only" (what the public losses use): T no longer changes FCL or BCL; "dynamic" does."""
+    source, target = batches(torch.Generator().manual_seed(5))
+    terms = {(priority, threshold): first_step_terms(data, source, target, label_priority=priority,
+                                                     similarity_threshold=threshold)
+             for priority in ("static_only", "dynamic") for threshold in (-1.0, 1.0)}
+    for name in ("forward_contrast", "backward_contrast"):
+        assert terms["static_only", -1.0][name] == pytest.approx(terms["static_only", 1.0][name], rel=1e-6)
+        assert terms["dynamic", -1.0][name] != pytest.approx(terms["dynamic", 1.0][name], rel=1e-3)
+    assert terms["dynamic", 1.0]["forward_contrast"] == pytest.approx(terms["static_only", 1.0]["forward_contrast"],
+                                                                       rel=1e-6)  # T = 1: no dynamic label
+
+
+def test_prototype_gradient_changes_the_update_not_the_loss(data):  # noqa: F811
+    """prototype_gradient (public code: prototypes are not detached) sends the contrastive gradient through
+    rho_S and rho_T too: the same loss value, another (finite) SGD step."""
+    source, target = batches(torch.Generator().manual_seed(6))
+    results = []
+    for gradient in (True, False):
+        step, model = make_step(data, prototype_gradient=gradient)
+        model.eval()
+        loss = float(step(source, target, 0)["loss"].detach())
+        results.append((loss, torch.cat([parameter.detach().flatten() for parameter in model.parameters()])))
+    assert results[0][0] == pytest.approx(results[1][0], rel=1e-6)
+    assert torch.isfinite(results[0][1]).all()
+    assert not torch.allclose(results[0][1], results[1][1], rtol=0, atol=1e-9)

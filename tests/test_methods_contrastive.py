@@ -59,6 +59,18 @@ def test_ignored_pixels_and_classes_without_prototype_do_not_count() -> None:
     assert torch.isfinite(values).all() and masked_mean(values, mask).item() == pytest.approx(0.0, abs=1e-6)
 
 
+def test_absent_classes_stay_in_the_softmax_at_the_given_similarity() -> None:
+    """Public code (DASS damnet_trainer.py:62): a class without a prototype has cosine -1 in the softmax."""
+    prototypes = torch.tensor([[1.0, 0.0], [0.0, 1.0], [NAN, NAN]])
+    features = feature_map([[3.0, 4.0], [1.0, 0.0]])  # cosines 0.6, 0.8 and 1, 0
+    labels = torch.tensor([[[0, 2]]])  # pixel 1's class has no prototype: it does not count
+    values, mask = forward_contrastive_pixels(features, labels, prototypes, 0.5, absent_similarity=-1.0)
+    assert mask.tolist() == [[[True, False]]]
+    assert values[0, 0, 0].item() == pytest.approx(info_nce([0.6, 0.8, -1.0], 0, 0.5), rel=1e-5)
+    dropped, _ = forward_contrastive_pixels(features, labels, prototypes, 0.5, absent_similarity=None)
+    assert dropped[0, 0, 0].item() == pytest.approx(info_nce([0.6, 0.8], 0, 0.5), rel=1e-5)
+
+
 def test_calibration_moves_source_prototypes_by_the_domain_bias() -> None:
     source = torch.tensor([[1.0, 0.0], [0.0, 1.0], [NAN, NAN]])
     source_momentum = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
@@ -85,6 +97,11 @@ def test_hybrid_labels_prefer_dynamic_then_static() -> None:
     dynamic = torch.tensor([[3, IGNORE_INDEX, IGNORE_INDEX]])
     static = torch.tensor([[1, 2, IGNORE_INDEX]])
     assert hybrid_pseudo_labels(dynamic, static).tolist() == [[3, 2, IGNORE_INDEX]]
+    assert hybrid_pseudo_labels(dynamic, static, "static").tolist() == [[1, 2, IGNORE_INDEX]]
+    assert hybrid_pseudo_labels(dynamic, static, "static_only").tolist() == [[1, 2, IGNORE_INDEX]]
+    assert hybrid_pseudo_labels(torch.tensor([[3, 4, 5]]), static, "static").tolist() == [[1, 2, 5]]
+    with pytest.raises(ValueError):
+        hybrid_pseudo_labels(dynamic, static, "public")
 
 
 def test_entropy_and_sampling_probabilities_hand_values() -> None:
@@ -98,5 +115,12 @@ def test_settings_default_to_the_paper_and_refuse_unknown_keys() -> None:
     settings = from_dict(ContrastiveSettings, {}, "contrastive")
     assert (settings.forward_weight, settings.backward_weight, settings.prototype_momentum,
             settings.similarity_threshold) == (0.5, 0.5, 0.999, 0.7)
+    assert (settings.label_priority, settings.absent_class_similarity, settings.entropy_form,
+            settings.prototype_scope, settings.prototype_gradient) == ("dynamic", -1.0, "shannon", "pair", True)
+    assert from_dict(ContrastiveSettings, {"absent_class_similarity": None}, "c").absent_class_similarity is None
     with pytest.raises(SettingsError):
         from_dict(ContrastiveSettings, {"tau": 0.1}, "contrastive")
+    for wrong in ({"label_priority": "hybrid"}, {"entropy_form": "renyi"}, {"prototype_scope": "image"},
+                  {"absent_class_similarity": -2.0}):
+        with pytest.raises(ValueError):
+            ContrastiveSettings(**wrong)

@@ -8,10 +8,14 @@ and with features f_S, f_T (b, D, h, w)::
     mu_S, mu_T = momentum prototypes of each domain                        (Eq. 4-5)
     y_D        = class of the most similar calibrated prototype
                  rho_S + mu_T - mu_S where that cosine > T                 (Eq. 6-9)
-    y_T        = y_D where it exists, else the static label y_F            (Eq. 10)
+    y_T        = y_D where it exists, else the static label y_F            (Eq. 10; label_priority)
     rho_T      = class centroids of f_T under y_T                          (Eq. 1)
     L = l^S_seg CE(x_S, y_S) + l^T_seg CE(x_T, y_F) + l^S_ent H(x_S) + l^T_ent H(x_T)   (Eq. 11)
       + l_FC FCL(f_T, y_T; rho_S) + l_BC BCL(f_S, y_S; rho_T)                           (Eq. 2-3, 12)
+
+``label_priority`` "static" takes y_F first, "static_only" y_F alone (what
+the public code's contrastive terms use). ``absent_class_similarity`` and
+``entropy_form`` follow :mod:`bismap.methods.contrastive`.
 
 The target segmentation loss learns from the static labels y_F and the hybrid
 labels y_T enter the contrastive terms: the paper builds y_T "for the
@@ -23,10 +27,12 @@ classifier on its own nearest-prototype guesses.
 
 The static labels y_F are pseudo-label files made by the warmup (the
 ``baseline`` label set: softmax confidence, standing in for CBST [58]); the
-paper renews them every 10k iterations, longer than a run here. The batch
-plays the part of the paper's single image pair. Prototypes are detached:
-the contrastive terms move the pixel features, not the centroids they are
-measured against. mu_S and mu_T are in the resume state.
+paper renews them every 10k iterations, longer than a run here. With
+``prototype_scope`` "pair" (the paper's and the public code's pairs) source
+image i and target image i make a pair with their own prototypes; "batch"
+makes one pair of the whole batch. With ``prototype_gradient`` (the public
+code) the contrastive terms also move the features through the prototypes;
+without it prototypes are constants. mu_S and mu_T are in the resume state.
 """
 
 from __future__ import annotations
@@ -98,19 +104,13 @@ class ContrastiveStep:
         size = tuple(source_features.shape[-2:])
         source_small = labels_at_feature_size(source_labels, size)  # y_S (b, h, w)
         static = labels_at_feature_size(target["label"].to(self.device), size)  # y_F (b, h, w)
-        hybrid, source_prototypes, dynamic_share = self._hybrid_labels(
-            source_features, source_small, target_features, static)  # y_T (b, h, w), rho_S (K, D)
-        target_prototypes = class_centroids(target_features.detach(), hybrid, len(source_prototypes))  # rho_T, Eq. 1
-        self.momentum.target.copy_(momentum_update(self.momentum.target, target_prototypes,
-                                                   settings.prototype_momentum))  # Eq. 5
+        forward, backward, dynamic_share = self._contrastive_terms(source_features, source_small, target_features,
+                                                                   static)  # Eq. 1-10
         terms = {"source_ce": image_cross_entropy(logits[0], source_labels, self.context),
                  "target_ce": pixel_mean(weighted_cross_entropy_pixels(logits[1], static), self.context),
-                 "source_entropy": pixel_mean(entropy_pixels(logits[0]), self.context),
-                 "target_entropy": pixel_mean(entropy_pixels(logits[1]), self.context),
-                 "forward_contrast": self._contrast(forward_contrastive_pixels, target_features, hybrid,
-                                                    source_prototypes),
-                 "backward_contrast": self._contrast(backward_contrastive_pixels, source_features, source_small,
-                                                     target_prototypes)}
+                 "source_entropy": pixel_mean(entropy_pixels(logits[0], form=settings.entropy_form), self.context),
+                 "target_entropy": pixel_mean(entropy_pixels(logits[1], form=settings.entropy_form), self.context),
+                 "forward_contrast": forward, "backward_contrast": backward}
         loss = settings.source_segmentation_weight * terms["source_ce"] \
             + settings.target_segmentation_weight * terms["target_ce"] \
             + settings.source_entropy_weight * terms["source_entropy"] \
@@ -127,20 +127,58 @@ class ContrastiveStep:
         """Eq. 2 or 3 over the global batch; 0 when the other domain has no prototype at all (no labelled pixel)."""
         if bool(absent_classes(prototypes).all()):
             return features.sum() * 0.0
-        return pixel_mean(pixels_function(features, labels, prototypes, self.settings.temperature), self.context)
+        settings = self.settings
+        return pixel_mean(pixels_function(features, labels, prototypes, settings.temperature,
+                                          settings.absent_class_similarity), self.context)
+
+    def _contrastive_terms(self, source_features: torch.Tensor, source_labels: torch.Tensor,
+                           target_features: torch.Tensor, static_labels: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """FCL, BCL (Eq. 2-3) and the share of target pixels with a dynamic label; updates mu_S, mu_T (Eq. 4-5).
+
+        ``prototype_scope`` "pair": image i of each domain makes a pair with
+        its own prototypes, and each term is the mean over the pairs of their
+        pixel means (public code: damnet_trainer.py:143-147); "batch": one
+        pair made of the whole batch. mu_S and mu_T take the batch centroids
+        once per iteration either way.
+        """
+        settings, num_classes = self.settings, self.momentum.source.shape[0]
+        self.momentum.source.copy_(momentum_update(
+            self.momentum.source, class_centroids(source_features.detach(), source_labels, num_classes),
+            settings.prototype_momentum))  # Eq. 4
+        groups = [slice(index, index + 1) for index in range(len(source_features))] \
+            if settings.prototype_scope == "pair" else [slice(None)]
+        forward, backward, dynamic, hybrid = [], [], [], []
+        for group in groups:
+            source_prototypes = self._prototypes(source_features[group], source_labels[group])  # rho_S, Eq. 1
+            labels = self._pseudo_labels(source_prototypes.detach(), target_features[group].detach(),
+                                         static_labels[group])  # y_D, y_T (1 or b, h, w)
+            target_prototypes = self._prototypes(target_features[group], labels[1])  # rho_T, Eq. 1
+            forward.append(self._contrast(forward_contrastive_pixels, target_features[group], labels[1],
+                                          source_prototypes))
+            backward.append(self._contrast(backward_contrastive_pixels, source_features[group], source_labels[group],
+                                           target_prototypes))
+            dynamic.append(labels[0])
+            hybrid.append(labels[1])
+        self.momentum.target.copy_(momentum_update(
+            self.momentum.target, class_centroids(target_features.detach(), torch.cat(hybrid), num_classes),
+            settings.prototype_momentum))  # Eq. 5
+        share = (torch.cat(dynamic) != IGNORE_INDEX).double().mean()
+        return torch.stack(forward).mean(), torch.stack(backward).mean(), share
+
+    def _prototypes(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Eq. 1 (K, D); detached unless ``prototype_gradient`` (public code: damnet_trainer.py:58, 98 keep it)."""
+        if not self.settings.prototype_gradient:
+            features = features.detach()
+        return class_centroids(features, labels, self.momentum.source.shape[0])
 
     @torch.no_grad()
-    def _hybrid_labels(self, source_features: torch.Tensor, source_labels: torch.Tensor,
-                       target_features: torch.Tensor, static_labels: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Eq. 1, 4, 6-10: y_T (b, h, w), rho_S (K, D) and the share of target pixels with a dynamic label."""
+    def _pseudo_labels(self, source_prototypes: torch.Tensor, target_features: torch.Tensor,
+                       static_labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Eq. 6-10: the dynamic labels y_D and the hybrid labels y_T, each (b, h, w)."""
         settings = self.settings
-        source_prototypes = class_centroids(source_features, source_labels, self.momentum.source.shape[0])
-        self.momentum.source.copy_(momentum_update(self.momentum.source, source_prototypes,
-                                                   settings.prototype_momentum))  # Eq. 4
         calibrated = calibrated_prototypes(source_prototypes, self.momentum.source, self.momentum.target)  # Eq. 6-7
         dynamic, _ = dynamic_pseudo_labels(target_features, calibrated, settings.similarity_threshold)  # Eq. 8-9
-        share = (dynamic != IGNORE_INDEX).double().mean()
-        return hybrid_pseudo_labels(dynamic, static_labels), source_prototypes, share  # Eq. 10
+        return dynamic, hybrid_pseudo_labels(dynamic, static_labels, settings.label_priority)  # Eq. 10
 
 
 def contrastive_train(inputs: ContrastiveInputs, paths: RunPaths, settings: ContrastiveTrainSettings,
@@ -158,10 +196,12 @@ def _contrastive_train(context: DistributedContext, job: tuple[ContrastiveInputs
     optimizer = make_optimizer(model, settings.training.optimizer)
     target = DomainData(inputs.target_manifest,
                         label_paths=shard_png_paths(inputs.static_label_dirs, "static label"))
-    logger.info("bi-directional contrastive: tau %.3g, lambda_FC %.3g, lambda_BC %.3g, T %.3g, momentum %.4g",
-                settings.contrastive.temperature, settings.contrastive.forward_weight,
-                settings.contrastive.backward_weight, settings.contrastive.similarity_threshold,
-                settings.contrastive.prototype_momentum)
+    logger.info("bi-directional contrastive: tau %.3g, lambda_FC %.3g, lambda_BC %.3g, T %.3g, momentum %.4g, "
+                "labels %s first, absent-class similarity %s, entropy %s", settings.contrastive.temperature,
+                settings.contrastive.forward_weight, settings.contrastive.backward_weight,
+                settings.contrastive.similarity_threshold, settings.contrastive.prototype_momentum,
+                settings.contrastive.label_priority, settings.contrastive.absent_class_similarity,
+                settings.contrastive.entropy_form)
     run = AdaptationRun(model, optimizer, {"model": model, "optimizer": optimizer, "prototypes": momentum},
                         DomainData(inputs.source_manifest), target, settings.training, paths,
                         fingerprint(run_settings, [str(path) for path in inputs.static_label_dirs]),
