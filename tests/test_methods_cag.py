@@ -10,7 +10,7 @@ import torch
 from bismap.data.samples import IGNORE_INDEX
 from bismap.labels.strategies import assign_cas
 from bismap.losses import masked_mean
-from bismap.methods.cag import (CagSchedule, CagSettings, anchor_distance_pixels, anchor_pseudo_labels,
+from bismap.methods.cag import (CagSchedule, CagSettings, anchor_distance_pairs, anchor_pseudo_labels,
                                 category_anchors, probability_pseudo_labels)
 from bismap.settings import SettingsError, from_dict
 
@@ -46,23 +46,36 @@ def test_labels_agree_with_the_cas_pseudo_label_strategy() -> None:
     assert torch.equal(labels.reshape(-1), cas_labels)
 
 
-def test_anchor_distance_loss_hand_value_and_mask() -> None:
-    features = feature_map([[1.0, 2.0], [4.0, 3.0], [9.0, 9.0], [1.0, 1.0]])
-    anchors = torch.tensor([[0.0, 0.0], [4.0, 0.0], [math.nan, math.nan]])
-    labels = torch.tensor([[[0, 1, IGNORE_INDEX, 2]]])  # pixel 3: class without an anchor
-    values, mask = anchor_distance_pixels(features, labels, anchors)
-    assert mask.tolist() == [[[True, True, False, False]]]
-    assert values[0, 0, :2].tolist() == [5.0, 9.0]  # 1 + 4, 0 + 9
-    assert masked_mean(values, mask).item() == pytest.approx(7.0)
+def distance_case(mean: list[float]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(1, 2, 1, 12) features: 10 pixels of class 0 predicted 0 with mean ``mean``, 2 labelled 0 but predicted 1."""
+    rows = [[mean[0] - 0.5, mean[1]], [mean[0] + 0.5, mean[1]]] * 5 + [[50.0, 50.0]] * 2
+    labels = torch.zeros(1, 1, 12, dtype=torch.long)
+    logits = torch.zeros(1, 2, 1, 12)
+    logits[0, 0, 0, :10] = 1.0
+    logits[0, 1, 0, 10:] = 1.0
+    return feature_map(rows), labels, logits
 
 
-def test_anchor_distance_gradient_pulls_features_toward_the_anchor() -> None:
-    features = feature_map([[1.0, 2.0]]).requires_grad_(True)
-    anchors = ANCHORS.clone().requires_grad_(True)
-    values, mask = anchor_distance_pixels(features, torch.tensor([[[0]]]), anchors)
-    masked_mean(values, mask).backward()
-    assert features.grad[0, :, 0, 0].tolist() == [2.0, 4.0]  # d/df ||f - a||^2 = 2 (f - a)
-    assert anchors.grad is None
+def test_anchor_distance_is_smooth_l1_of_the_class_mean() -> None:
+    features, labels, logits = distance_case([0.5, 2.0])
+    features.requires_grad_(True)
+    anchors = torch.tensor([[0.0, 0.0], [math.nan, math.nan]])
+    values, pairs = anchor_distance_pairs(features, labels, logits, anchors)
+    assert pairs.tolist() == [[True, False]]  # the 2 mispredicted pixels (features 50) are left out
+    assert values[0, 0].item() == pytest.approx(8.125)  # 10 * mean(0.5 * 0.5^2, 2 - 0.5)
+    masked_mean(values, pairs).backward()
+    # d/dmean = 10 * (0.5, 1) / 2, times 1/10 per pixel, times 2 * 10 / 12 (public gradient scaling)
+    assert features.grad[0, :, 0, 0].tolist() == pytest.approx([2.5 / 6, 5.0 / 6])
+    assert features.grad[0, :, 0, 11].tolist() == [0.0, 0.0]
+
+
+def test_large_anchor_distance_is_divided_by_ten_and_small_classes_are_left_out() -> None:
+    features, labels, logits = distance_case([20.0, 0.0])
+    values, pairs = anchor_distance_pairs(features, labels, logits, torch.zeros(2, 2))
+    assert values[0, 0].item() == pytest.approx(9.75)  # 10 * (19.5 / 2) / 10: above 5, divided once
+    logits[0, :, 0, 9] = torch.tensor([0.0, 1.0])  # 9 agreeing pixels: under the minimum of 10
+    _, pairs = anchor_distance_pairs(features, labels, logits, torch.zeros(2, 2))
+    assert not pairs.any()
 
 
 def test_probability_labels_keep_confident_pixels() -> None:
@@ -70,6 +83,8 @@ def test_probability_labels_keep_confident_pixels() -> None:
     labels, confidence = probability_pseudo_labels(logits, threshold=0.95)
     assert labels.tolist() == [[[0, IGNORE_INDEX]]]
     assert confidence[0, 0, 0].item() == pytest.approx(1 / (1 + math.exp(-5)))
+    labels, _ = probability_pseudo_labels(torch.zeros(1, 2, 1, 1), threshold=0.5)
+    assert labels.tolist() == [[[IGNORE_INDEX]]]  # softmax 0.5 is not > 0.5 (public code: strict)
 
 
 def test_schedule_lists_the_stages_and_finds_an_iteration() -> None:

@@ -14,15 +14,21 @@ What the paper defines (Sec. 3.2-3.4, 4.1) and what this module computes:
   (:func:`anchor_pseudo_labels`). This is the computation of the ``cas``
   strategy of :mod:`bismap.labels.strategies` (both call
   ``bismap.methods.prototypes.margin_assignment``), here on a (B, D, h, w) map;
-* Eq. 8 and 10: the category-wise distance loss ||f^s_c - f||^2 of source
-  pixels (ground truth) and of active target pixels (their anchor label)
-  (:func:`anchor_distance_pixels`);
+* Eq. 8 and 10: the category-wise distance loss of source pixels (ground
+  truth) and of active target pixels (their anchor label), normalised as the
+  public code does: SmoothL1 between per-image class means and the anchors,
+  averaged over feature dimensions and (image, class) pairs
+  (:func:`anchor_distance_pairs`); the paper prints a per-pixel squared
+  distance summed over pixels;
 * Eq. 9 and 11: cross-entropy on the active target pixels, by anchors and by
-  predicted probability >= P0 (``bismap.losses.weighted_cross_entropy_pixels``
-  on the labels of :func:`anchor_pseudo_labels` / :func:`probability_pseudo_labels`);
+  predicted probability > P0 of the stage's frozen initial model
+  (``bismap.losses.weighted_cross_entropy_pixels`` on the labels of
+  :func:`anchor_pseudo_labels` / :func:`probability_pseudo_labels`);
 * Sec. 3.4, Algorithm 1: the stagewise schedule (:class:`CagSchedule`).
 
-No public code of CAG-UDA was consulted; everything follows the paper.
+Public code consulted: RogerZhangzz/CAG_UDA, commit 422f99e (train.py,
+models/adaptation_model.py, models/utils.py, cac.py). Where this module follows
+it rather than the paper, the function says so with the public file and line.
 """
 
 from __future__ import annotations
@@ -30,9 +36,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from bismap.data.samples import IGNORE_INDEX
-from bismap.labels.strategies import assign_confidence
 from bismap.losses import PixelLosses
 from bismap.methods.prototypes import absent_classes, class_centroids, margin_assignment, pixel_distances
 
@@ -107,29 +113,61 @@ def anchor_pseudo_labels(target_features: torch.Tensor, anchors: torch.Tensor,
         return margin_assignment(distances, margin, dim=1)
 
 
-def anchor_distance_pixels(features: torch.Tensor, labels: torch.Tensor, anchors: torch.Tensor) -> PixelLosses:
-    """CAG-UDA Eq. 8 / Eq. 10 per pixel: ||f^s_c - f||^2 to the anchor of the pixel's class (B, h, w).
+# The public code's normalisation of Eq. 8 / 10 (RogerZhangzz/CAG_UDA, commit 422f99e).
+MINIMUM_CLASS_PIXELS = 10  # public code: models/adaptation_model.py:252, fewer agreeing pixels: no class mean
+LARGE_DISTANCE = 5.0  # public code: models/adaptation_model.py:324-325, a larger value is divided by 10 until <= 5
+DISTANCE_SCALE = 10.0  # public code: models/adaptation_model.py:327, the pair mean is multiplied by 10
 
-    labels (B, h, w): source ground truth (Eq. 8) or the active target labels
-    of :func:`anchor_pseudo_labels` (Eq. 10; a_ij = 0 pixels are 255). The
-    anchors are fixed within a stage: the gradient reaches the features only.
-    Pixels count when labelled and their class has an anchor.
+
+def class_mean_features(features: torch.Tensor, labels: torch.Tensor, logits: torch.Tensor,
+                        num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per image and class the mean feature (B, K, D) of the pixels labelled c AND predicted c, and their count (B, K).
+
+    features (B, D, h, w), labels (B, h, w) (255 = ignore), logits (B, K, h, w)
+    of the network being trained. Public code: models/adaptation_model.py:239-260.
+    The forward value is the plain mean; its gradient is multiplied by
+    2 n_c / (h w) (models/utils.py:17-34, adaptation_model.py:255-256), so each
+    pixel gets 2 / (h w) of the gradient instead of 1 / n_c.
+    """
+    height, width = features.shape[-2:]
+    classes = torch.arange(num_classes, device=labels.device)[None, :, None, None]  # (1, K, 1, 1)
+    agree = (labels[:, None] == classes) & (logits.argmax(dim=1, keepdim=True) == classes)  # (B, K, h, w)
+    weights = agree.to(features.dtype)
+    counts = weights.sum(dim=(2, 3))  # (B, K)
+    means = torch.einsum("bdhw,bkhw->bkd", features, weights) / counts.clamp_min(1.0)[..., None]
+    gradient_scale = (2.0 * counts / (height * width))[..., None]  # (B, K, 1)
+    return means.detach() + gradient_scale * (means - means.detach()), counts
+
+
+def anchor_distance_pairs(features: torch.Tensor, labels: torch.Tensor, logits: torch.Tensor,
+                          anchors: torch.Tensor) -> PixelLosses:
+    """CAG-UDA Eq. 8 / 10 as the public code computes them: one value per (image, class) pair (B, K) and the pairs.
+
+    Per pair: SmoothL1 (beta 1) between the class mean of :func:`class_mean_features`
+    and the class's anchor, averaged over the D feature dimensions, divided by 10
+    while above 5, times 10 (models/adaptation_model.py:318-329); the term is the
+    mean over the pairs of the batch (``masked_mean``). A pair counts with at
+    least 10 agreeing pixels and an anchor. labels (B, h, w): source ground truth
+    (Eq. 8) or active target labels (Eq. 10). The anchors get no gradient. The
+    paper writes a per-pixel ||f^s_c - f||^2 summed over pixels instead.
     """
     anchors = anchors.detach().to(features.dtype)
-    labelled = labels != IGNORE_INDEX
-    safe_labels = torch.where(labelled, labels, torch.zeros_like(labels))
-    counts = labelled & ~absent_classes(anchors)[safe_labels]  # (B, h, w)
-    targets = anchors.nan_to_num(0.0)[safe_labels].permute(0, 3, 1, 2)  # (B, D, h, w)
-    per_pixel = (features - targets).square().sum(dim=1)
-    return torch.where(counts, per_pixel, torch.zeros_like(per_pixel)), counts
+    means, counts = class_mean_features(features, labels, logits, anchors.shape[0])  # (B, K, D), (B, K)
+    targets = anchors.nan_to_num(0.0)[None].expand_as(means)  # (B, K, D)
+    distances = F.smooth_l1_loss(means, targets, reduction="none").mean(dim=2)  # (B, K)
+    divisor = torch.ones_like(distances)
+    while bool((distances.detach() / divisor > LARGE_DISTANCE).any()):
+        divisor = torch.where(distances.detach() / divisor > LARGE_DISTANCE, divisor * 10.0, divisor)
+    counted = (counts >= MINIMUM_CLASS_PIXELS) & ~absent_classes(anchors)[None]  # (B, K)
+    values = DISTANCE_SCALE * distances / divisor
+    return torch.where(counted, values, torch.zeros_like(values)), counted
 
 
 def probability_pseudo_labels(logits: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The probability-based active labels of Eq. 11: argmax where the softmax maximum >= P_0 (B, h, w), and it.
+    """The probability-based active labels of Eq. 11: argmax where the softmax maximum > P_0 (B, h, w), and it.
 
-    ``bismap.labels.strategies.assign_confidence`` on the (B, K, h, w) logits.
+    logits (B, K, h, w) of the stage's frozen initial model. Strictly greater,
+    as the public code (models/adaptation_model.py:44).
     """
-    batch, classes, height, width = logits.shape
-    rows = logits.permute(0, 2, 3, 1).reshape(-1, classes)  # (B*h*w, K)
-    labels, confidence = assign_confidence(rows, threshold)
-    return labels.view(batch, height, width), confidence.view(batch, height, width)
+    confidence, labels = logits.float().softmax(dim=1).max(dim=1)  # (B, h, w) each
+    return torch.where(confidence > threshold, labels, torch.full_like(labels, IGNORE_INDEX)), confidence
