@@ -378,7 +378,8 @@ def selftrain_run_settings(wildcards):
     shared = ("training", "init", "sce_alpha", "sce_beta")
     settings = {key: selftrain_settings()[key] for key in shared if key in selftrain_settings()}
     if variant["consistency"]:
-        for key in ("ema_decay", "consistency_weight", "strong_augment"):
+        for key in ("ema_decay", "consistency_weight", "consistency_rampup", "teacher_batch_statistics",
+                    "strong_augment"):
             if key in selftrain_settings():
                 settings[key] = selftrain_settings()[key]
     if variant["alignment"]:  # only then: variants without it keep their params (no rerun)
