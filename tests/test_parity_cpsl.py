@@ -41,30 +41,31 @@ def inputs() -> dict[str, torch.Tensor]:
     return draw
 
 
-def test_sinkhorn_assignments_match_the_public_code() -> None:
-    """CPSL Eq. 6, 12. Public: adaptation_modelv2.py:403-424 (sinkhorn, linear domain, r = class_distribution)."""
-    data = inputs()
-    expected = torch.tensor([[2.46526724e-07, 9.90297437e-01, 9.70232021e-03, 3.65911070e-08],
-                             [2.58200714e-13, 4.60460725e-10, 1.06518582e-01, 8.93481493e-01],
-                             [1.36605818e-02, 3.37307081e-02, 9.52608466e-01, 3.12451192e-07],
-                             [9.97392535e-01, 2.15784647e-04, 2.37478036e-03, 1.67788839e-05],
-                             [4.85819280e-02, 9.50833440e-01, 5.84620051e-04, 2.92345419e-11],
-                             [9.37108994e-01, 5.69956273e-14, 6.28909618e-02, 3.01883389e-08]])
-    assignments = online_assignments(data["scores"], None, SHARES, EPSILON, ITERATIONS)  # (6, K)
-    assert torch.allclose(assignments, expected, atol=2e-6)
+# Sinkhorn without and with the memory bank: (6, K) expected assignments of the current rows
+SINKHORN_EXPECTED = {
+    None: [[2.46526724e-07, 9.90297437e-01, 9.70232021e-03, 3.65911070e-08],
+           [2.58200714e-13, 4.60460725e-10, 1.06518582e-01, 8.93481493e-01],
+           [1.36605818e-02, 3.37307081e-02, 9.52608466e-01, 3.12451192e-07],
+           [9.97392535e-01, 2.15784647e-04, 2.37478036e-03, 1.67788839e-05],
+           [4.85819280e-02, 9.50833440e-01, 5.84620051e-04, 2.92345419e-11],
+           [9.37108994e-01, 5.69956273e-14, 6.28909618e-02, 3.01883389e-08]],
+    "memory_scores": [[8.94243684e-08, 9.97631013e-01, 2.36889697e-03, 2.61887456e-11],
+                      [3.51482797e-12, 1.74081105e-08, 9.76001740e-01, 2.39982381e-02],
+                      [1.82496868e-02, 1.25148043e-01, 8.56602311e-01, 8.23598523e-10],
+                      [9.97801304e-01, 5.99530002e-04, 1.59911579e-03, 3.31198358e-08],
+                      [1.80624668e-02, 9.81791198e-01, 1.46303471e-04, 2.14459730e-14],
+                      [9.56779659e-01, 1.61612775e-13, 4.32203822e-02, 6.08146727e-11]],
+}
 
 
-def test_sinkhorn_over_the_memory_bank_matches_the_public_code() -> None:
-    """Sec. 3.2: Q over [memory; current], the current rows kept. Public: adaptation_modelv2.py:264-273."""
+@pytest.mark.parametrize("memory", [None, "memory_scores"])
+def test_sinkhorn_assignments_match_the_public_code(memory: str | None) -> None:
+    """CPSL Eq. 6, 12: Q over [memory; current], the current rows kept. Public: adaptation_modelv2.py:403-424
+    (sinkhorn, linear domain, r = class_distribution) and :264-273 (with the queue)."""
     data = inputs()
-    expected = torch.tensor([[8.94243684e-08, 9.97631013e-01, 2.36889697e-03, 2.61887456e-11],
-                             [3.51482797e-12, 1.74081105e-08, 9.76001740e-01, 2.39982381e-02],
-                             [1.82496868e-02, 1.25148043e-01, 8.56602311e-01, 8.23598523e-10],
-                             [9.97801304e-01, 5.99530002e-04, 1.59911579e-03, 3.31198358e-08],
-                             [1.80624668e-02, 9.81791198e-01, 1.46303471e-04, 2.14459730e-14],
-                             [9.56779659e-01, 1.61612775e-13, 4.32203822e-02, 6.08146727e-11]])
-    assignments = online_assignments(data["scores"], data["memory_scores"], SHARES, EPSILON, ITERATIONS)
-    assert torch.allclose(assignments, expected, atol=2e-6)
+    assignments = online_assignments(data["scores"], data[memory] if memory else None, SHARES, EPSILON,
+                                     ITERATIONS)  # (6, K)
+    assert torch.allclose(assignments, torch.tensor(SINKHORN_EXPECTED[memory]), atol=2e-6)
 
 
 def test_rectified_labels_match_the_public_code() -> None:
