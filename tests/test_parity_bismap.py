@@ -92,8 +92,7 @@ PUBLIC_IMAGE_LABELS = [[0, 0, 0, 0], [1, 1, 0, 250], [1, 1, 0, 250], [1, 1, 1, 1
 
 
 @pytest.mark.xfail(strict=True, reason="resolution 'image' upsamples features with align_corners=False; the public "
-                                       "code (generate_maps_pseudolabel.py:145) uses align_corners=True (and the "
-                                       "project default is resolution 'feature')")
+                                       "code (generate_maps_pseudolabel.py:145) uses align_corners=True")
 def test_maps_image_resolution_matches_public() -> None:
     features = torch.tensor(FEATURE_MAP, dtype=torch.float64)  # (D, h, w)
     logits = torch.zeros(2, 2, 2, dtype=torch.float64)  # (K, h, w), unused by MAPs
