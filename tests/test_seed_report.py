@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from bismap.report.seeds import write_seed_summary
+from bismap.report.spread import format_interval, mean_std, verdict
 from bismap.report.stage_times import benchmark_seconds, stage_times
 
 COMPONENTS = {"selftrain_bismap": {"maps": True, "stm": True, "consistency": True, "alignment": True, "rounds": 2,
@@ -81,9 +82,13 @@ def test_mean_and_sample_std_of_each_model_row(three_seeds, tmp_path):
     assert result["gap_warmup_to_oracle"]["mean"] == 42.0  # gaps 40, 40, 46
     markdown = (report / "summary.md").read_text()
     # gap closed: std of 25, 22.5, 30.43 = 4.06
-    assert "| selftrain_bismap | ✓ | ✓ | ✓ | ✓ | 2 |  | 33.0 ± 4.4 | +11.0 ± 2.6 | +26.0 ± 4.1 |" in markdown
-    # the effect of a row is paired by seed: 30-20, 31-22, 38-24
-    assert "| selftrain_bismap | MAPs, STM, consistency, alignment, self-training over warmup | +11.0 ± 2.6 |" in markdown
+    # gains 10, 9, 14: half-width t(0.975, 2) sqrt(7) / sqrt(3) = 4.3027 x 1.5275 = 6.57
+    assert bismap["gain_over_warmup"]["ci95"] == pytest.approx([11.0 - 6.5725, 11.0 + 6.5725], abs=1e-4)
+    assert ("| selftrain_bismap | ✓ | ✓ | ✓ | ✓ | 2 |  | 33.0 ± 4.4 | +11.0 ± 2.6 | [+4.4, +17.6] | +26.0 ± 4.1 |"
+            in markdown)
+    # the effect of a row is paired by seed: 30-20, 31-22, 38-24; its interval excludes 0
+    assert ("| selftrain_bismap | MAPs, STM, consistency, alignment, self-training over warmup | +11.0 ± 2.6 | "
+            "[+4.4, +17.6] | gain |") in markdown
     assert "| selftrain_bismap | 50.0 ± 10.0 | 15.0 ± 7.1 | 33.0 ± 4.4 |" in markdown
     assert "[seed 1](../seed_1/report/summary.md)" in markdown
 
@@ -91,9 +96,9 @@ def test_mean_and_sample_std_of_each_model_row(three_seeds, tmp_path):
 def test_one_seed_has_no_std(three_seeds, tmp_path):
     result = write_seed_summary({2: three_seeds[2]}, {}, ["warmup", "selftrain_bismap"], COMPONENTS,
                                 tmp_path / "one.md", tmp_path / "one.json")
-    assert result["models"]["selftrain_bismap"]["miou"] == {"mean": 38.0, "std": None, "values": [38.0]}
+    assert result["models"]["selftrain_bismap"]["miou"] == {"mean": 38.0, "std": None, "ci95": None, "values": [38.0]}
     assert json.loads((tmp_path / "one.json").read_text())["models"]["warmup"]["miou"]["std"] is None
-    assert "| selftrain_bismap | ✓ | ✓ | ✓ | ✓ | 2 |  | 38.0 ± — | +14.0 ± — |" in (tmp_path / "one.md").read_text()
+    assert "| selftrain_bismap | ✓ | ✓ | ✓ | ✓ | 2 |  | 38.0 ± — | +14.0 ± — | — |" in (tmp_path / "one.md").read_text()
 
 
 def test_stage_times_sum_the_s_column_over_jobs_and_average_over_seeds(tmp_path):
@@ -149,3 +154,14 @@ def test_methods_side_by_side_with_per_class_iou_and_the_papers_number(three_see
     with pytest.raises(KeyError, match="no paper result for method 'dann'"):
         write_seed_summary(three_seeds, {}, ["warmup"], {}, tmp_path / "x.md", tmp_path / "x.json",
                            methods={"warmup": "dann"})
+
+
+def test_two_seeds_give_a_wide_paired_interval_and_only_a_narrow_one_says_no_effect():
+    two = mean_std([1.0, 3.0])  # mean 2, std sqrt(2): half-width t(0.975, 1) x sqrt(2) / sqrt(2) = 12.706
+    assert two["ci95"] == pytest.approx([2.0 - 12.7062, 2.0 + 12.7062], abs=1e-4)
+    assert verdict(two["ci95"]) == "not resolved"
+    narrow = mean_std([0.1, -0.2, 0.0, 0.3, -0.1])  # mean 0.02, std 0.192: half-width 2.776 x 0.086 = 0.239
+    assert narrow["ci95"] == pytest.approx([0.02 - 0.2389, 0.02 + 0.2389], abs=1e-3)
+    assert verdict(narrow["ci95"]) == "no effect"
+    assert verdict([0.2, 3.0]) == "gain" and verdict([-3.0, -0.2]) == "loss" and verdict(None) == "one seed"
+    assert format_interval([-10.71, 14.71]) == "[-10.7, +14.7]" and format_interval(None) == "—"

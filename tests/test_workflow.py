@@ -114,7 +114,7 @@ def test_report_over_one_seed_and_a_benchmark_for_every_job(finished_tiny_run):
     seed = json.loads((seed_results(results) / "report" / "summary.json").read_text())
     assert aggregate["seeds"] == [0] and aggregate["seed_count"] == 1
     for model in ("warmup", "selftrain_bismap", "distill", "oracle"):
-        assert aggregate["models"][model]["miou"] == {"mean": seed[model]["miou"], "std": None,
+        assert aggregate["models"][model]["miou"] == {"mean": seed[model]["miou"], "std": None, "ci95": None,
                                                       "values": [seed[model]["miou"]]}
         assert aggregate["models"][model]["per_class_iou"]["7"]["mean"] == seed[model]["per_class_iou"]["7"]
     assert aggregate["components"]["distill"]["distillation"] is True

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from bismap.report.spread import format_stat
+from bismap.report.spread import format_interval, format_stat
 
 
 @dataclass(frozen=True)
@@ -61,13 +61,14 @@ def method_table(rows: Mapping[str, Mapping[str, Any]], methods: Mapping[str, st
     if not shown:
         return "No method rows.\n"
     classes = list(rows[shown[0]]["per_class_iou"])
-    lines = ["| method | row | " + " | ".join(classes) + " | mIoU | gap closed % | paper mIoU (GTA5 → Cityscapes) |",
-             "|" + "---|" * (len(classes) + 5)]
+    lines = ["| method | row | " + " | ".join(classes) + " | mIoU | gain 95% CI | gap closed % "
+             "| paper mIoU (GTA5 → Cityscapes) |", "|" + "---|" * (len(classes) + 6)]
     for model in shown:
         paper = papers[model]
         reference = f"{paper.miou:.1f} ({paper.source})" if paper.miou is not None else ""
         cells = [format_stat(rows[model]["per_class_iou"][name]) for name in classes]
         lines.append(f"| {paper.title} | {model} | " + " | ".join(cells)
                      + f" | {format_stat(rows[model]['miou'])} | "
+                     f"{format_interval(rows[model]['gain_over_warmup']['ci95'])} | "
                      f"{format_stat(rows[model]['gap_closed_percent'], signed=True)} | {reference} |")
     return "\n".join(lines) + "\n"

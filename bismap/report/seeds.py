@@ -24,7 +24,7 @@ from typing import Any
 
 from bismap.io import read_json, write_json, write_text
 from bismap.report.methods import is_family_method, method_table
-from bismap.report.spread import format_stat, mean_std
+from bismap.report.spread import format_interval, format_stat, mean_std, verdict
 from bismap.report.stage_times import stage_table, stage_times
 from bismap.report.tables import COMPONENT_HEADER, COMPONENT_TITLES, COMPONENTS, component_cells
 
@@ -50,11 +50,12 @@ def aggregate_models(summaries: Mapping[Any, Mapping[str, Any]], models: Sequenc
 
 def component_table(rows: Mapping[str, Mapping[str, Any]], components: Mapping[str, Mapping[str, bool | int]]) -> str:
     """BiSMAP Table 4 with mean ± std cells: components, mIoU, gain over warmup, % of the gap closed."""
-    lines = [COMPONENT_HEADER + " mIoU | gain | gap closed % |", "|---" * (len(COMPONENTS) + 4) + "|"]
+    lines = [COMPONENT_HEADER + " mIoU | gain | gain 95% CI | gap closed % |", "|---" * (len(COMPONENTS) + 5) + "|"]
     for model, row in rows.items():
         marks = component_cells(components.get(model, {}))
         lines.append(f"| {model} | {marks} | {format_stat(row['miou'])} | "
                      f"{format_stat(row['gain_over_warmup'], signed=True)} | "
+                     f"{format_interval(row['gain_over_warmup']['ci95'])} | "
                      f"{format_stat(row['gap_closed_percent'], signed=True)} |")
     return "\n".join(lines) + "\n"
 
@@ -62,15 +63,15 @@ def component_table(rows: Mapping[str, Mapping[str, Any]], components: Mapping[s
 def effect_table(summaries: Mapping[Any, Mapping[str, Any]], models: Sequence[str],
                  components: Mapping[str, Mapping[str, bool | int]]) -> str:
     """Each row against the row before it (the oracle aside): what it adds and its mIoU difference, paired by seed."""
-    lines = ["| model | adds | effect (mIoU) |", "|---|---|---|"]
+    lines = ["| model | adds | effect (mIoU) | paired 95% CI | verdict |", "|---|---|---|---|---|"]
     compared = [model for model in models if model != "oracle"]
     for previous, model in zip(compared, compared[1:]):
         before, after = components.get(previous, {}), components.get(model, {})
         added = [_change(name, before.get(name), after.get(name)) for name in COMPONENTS
                  if (before.get(name) or 0) != (after.get(name) or 0)]  # absent = off, 0 rounds
-        differences = [summary[model]["miou"] - summary[previous]["miou"] for summary in summaries.values()]
-        lines.append(f"| {model} | {', '.join(added) or '-'} over {previous} | "
-                     f"{format_stat(mean_std(differences), signed=True)} |")
+        effect = mean_std([summary[model]["miou"] - summary[previous]["miou"] for summary in summaries.values()])
+        lines.append(f"| {model} | {', '.join(added) or '-'} over {previous} | {format_stat(effect, signed=True)} | "
+                     f"{format_interval(effect['ci95'])} | {verdict(effect['ci95'])} |")
     return "\n".join(lines) + "\n"
 
 
@@ -118,7 +119,9 @@ def write_seed_summary(summary_paths: Mapping[int, str | Path], benchmarks: Mapp
     text += "\n## Components (BiSMAP Table 4)\n\n" + component_table({model: rows[model] for model in ablation},
                                                                       components)
     text += ("\n## Effect of each component\n\nEach row minus the row before it, per seed, then mean ± std "
-             "over the seeds.\n\n" + effect_table(summaries, ablation, components))
+             "over the seeds and the paired Student-t 95% interval; 'no effect' only where the whole interval lies "
+             "within ±1 mIoU, 'not resolved' where it spans zero and more.\n\n"
+             + effect_table(summaries, ablation, components))
     if methods:
         text += ("\n## Methods side by side\n\nTarget-val IoU on this benchmark, mean ± std over the seeds, and "
                  "each paper's own GTA5 → Cityscapes val mIoU for the same stage (ResNet-101 DeepLab): a "
