@@ -53,7 +53,7 @@ from bismap.evaluation.metrics import intersection_over_union
 from bismap.io import atomic_path, write_json, write_text
 from bismap.labels.gmm import ClassPrototypes, torch_dtype
 from bismap.labels.strategies import (RESOLUTIONS, STRATEGIES, THRESHOLD_MODES, assign_cas, assign_confidence,
-                                      assign_maps, load_matching_prototypes)
+                                      assign_maps, load_matching_prototypes, outputs_at_image_size)
 from bismap.training.checkpoint import load_model
 
 logger = logging.getLogger(__name__)
@@ -356,9 +356,8 @@ def _accumulate(model: torch.nn.Module, manifest: Manifest, settings: ReportSett
     for item in tqdm(loader, desc="pseudo-label report", unit="img"):
         output = model(item["image"][None].to(device))  # one image at a time, as label_images
         logits, features = output.logits[0], output.features[0]  # (K, h, w), (D, h, w)
-        if settings.resolution == "image":  # (K, H, W), (D, H, W): one cell per image pixel
-            logits, features = (F.interpolate(tensor[None], size=tuple(item["label"].shape[-2:]), mode="bilinear",
-                                              align_corners=False)[0] for tensor in (logits, features))
+        if settings.resolution == "image":  # one cell per image pixel, as the labels of the pseudo_labels rule
+            logits, features = outputs_at_image_size(logits, features, tuple(item["label"].shape[-2:]))
         truth = cell_truth_counts(item["label"].to(device), tuple(logits.shape[-2:]), classes)  # (h*w, C+1)
         truth_per_class += truth.sum(dim=0).cpu().numpy()
         total_pixels += item["label"].numel()

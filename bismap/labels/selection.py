@@ -4,8 +4,9 @@ The paper fixes K = 8 diagonal Gaussians per class for 256-d GTA5 features
 and gives no variance floor. On other features both matter: post-ReLU decoder
 features have dimensions that are exactly zero for most pixels of a class, and
 a floor of 1e-6 (standardised units) makes each such dimension add ~6.9 nats
-to log p_c for every target pixel that is zero there too, so the class argmax
-mostly counts shared zeros (README: "Paper and public code").
+to log p_c for every target pixel that is zero there too, so shared zeros can
+weigh in the class argmax (README: "Paper and public code" measures what the
+floor changes).
 
 Each class therefore picks its own (K, floor) from candidate lists by the mean
 log-likelihood of held-out source features: the rows are a uniform sample
@@ -21,14 +22,11 @@ where the fitted density is degenerate.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import torch
 
 from bismap.labels.mixture import GaussianMixture, fit_gmm
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)

@@ -187,12 +187,20 @@ def upsample_labels(labels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor
     return upsampled[0, 0].to(torch.uint8)
 
 
+def outputs_at_image_size(logits: torch.Tensor, features: torch.Tensor,
+                          size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(K, h, w) logits and (D, h, w) features bilinearly to (K, H, W), (D, H, W): resolution 'image'
+    (BiSMAP footnote 1); memory grows with H x W x D."""
+    logits, features = (F.interpolate(tensor[None], size=size, mode="bilinear", align_corners=False)[0]
+                        for tensor in (logits, features))
+    return logits, features
+
+
 def image_labels(logits: torch.Tensor, features: torch.Tensor, size: tuple[int, int], settings: PseudoLabelSettings,
                  prototypes: ClassPrototypes | None, thresholds: torch.Tensor | None) -> np.ndarray:
     """The scoring stage of one image: (K, h, w) logits, (D, h, w) features -> (H, W) uint8 labels, 255 = ignore."""
-    if settings.resolution == "image":  # (K, H, W), (D, H, W): memory grows with H x W x D
-        logits, features = (F.interpolate(tensor[None], size=size, mode="bilinear", align_corners=False)[0]
-                            for tensor in (logits, features))
+    if settings.resolution == "image":
+        logits, features = outputs_at_image_size(logits, features, size)
     labels = label_map(logits, features, settings, prototypes, thresholds)  # (h, w), or (H, W)
     return upsample_labels(labels, size).cpu().numpy()
 

@@ -93,9 +93,14 @@ def pixel_mean(pixels: PixelLosses, context: DistributedContext) -> torch.Tensor
     return global_mean_loss(*masked_sum(*pixels), context)
 
 
+def resize_maps(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(b, K, h, w) maps bilinearly to (b, K, *size) (an exact copy at the same size)."""
+    return torch.nn.functional.interpolate(maps, size=size, mode="bilinear", align_corners=False)
+
+
 def upsample_to(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """(b, K, h, w) logits bilinearly to the (b, H, W) labels' size: (b, K, H, W)."""
-    return torch.nn.functional.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
+    return resize_maps(logits, tuple(labels.shape[-2:]))
 
 
 def image_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, context: DistributedContext,

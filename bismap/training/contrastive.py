@@ -150,15 +150,16 @@ class ContrastiveStep:
         forward, backward, dynamic, hybrid = [], [], [], []
         for group in groups:
             source_prototypes = self._prototypes(source_features[group], source_labels[group])  # rho_S, Eq. 1
-            labels = self._pseudo_labels(source_prototypes.detach(), target_features[group].detach(),
-                                         static_labels[group])  # y_D, y_T (1 or b, h, w)
-            target_prototypes = self._prototypes(target_features[group], labels[1])  # rho_T, Eq. 1
-            forward.append(self._contrast(forward_contrastive_pixels, target_features[group], labels[1],
+            dynamic_labels, hybrid_labels = self._pseudo_labels(source_prototypes.detach(),
+                                                                target_features[group].detach(),
+                                                                static_labels[group])  # y_D, y_T (1 or b, h, w)
+            target_prototypes = self._prototypes(target_features[group], hybrid_labels)  # rho_T, Eq. 1
+            forward.append(self._contrast(forward_contrastive_pixels, target_features[group], hybrid_labels,
                                           source_prototypes))
             backward.append(self._contrast(backward_contrastive_pixels, source_features[group], source_labels[group],
                                            target_prototypes))
-            dynamic.append(labels[0])
-            hybrid.append(labels[1])
+            dynamic.append(dynamic_labels)
+            hybrid.append(hybrid_labels)
         self.momentum.target.copy_(momentum_update(
             self.momentum.target, class_centroids(target_features.detach(), torch.cat(hybrid), num_classes),
             settings.prototype_momentum))  # Eq. 5

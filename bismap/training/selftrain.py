@@ -40,7 +40,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.nn import functional as F
 
 from bismap.data.loading import IMAGENET_MEAN, IMAGENET_STD
 from bismap.data.photometric import load_statistics
@@ -51,7 +50,7 @@ from bismap.methods.alignment import ClassDistributions, predicted_class_mass, s
 from bismap.methods.prototypes import class_pixel_counts
 from bismap.models import ModelSettings, build_model
 from bismap.training.adaptation import (AdaptationRun, Batch, DomainData, image_cross_entropy, pixel_mean,
-                                        train_and_save, upsample_to)
+                                        resize_maps, train_and_save, upsample_to)
 from bismap.training.checkpoint import fingerprint, load_model
 from bismap.training.distributed import (DistributedContext, all_reduce_sum, convert_sync_batchnorm, launch_training,
                                          rank_slice, unwrap_model)
@@ -203,16 +202,10 @@ class SelfTrainStep:
         if self.settings.align_teacher:
             teacher_probabilities = self.distributions.align(teacher_probabilities)
         size = tuple(geometry.hidden.shape[-2:]) if geometry.hidden is not None else tuple(student_logits.shape[-2:])
-        warped = resize(geometry.warp(teacher_probabilities), size)  # (b, K, H, W), still distributions
-        student = resize(student_logits, size)  # (b, K, H, W)
+        warped = resize_maps(geometry.warp(teacher_probabilities), size)  # (b, K, H, W), still distributions
+        student = resize_maps(student_logits, size)  # (b, K, H, W)
         values, visible = kl_divergence_pixels(warped.clamp_min(1e-8).log(), student, geometry.visible(size))
         return pixel_mean((values / student.shape[1], visible), self.context)  # mean over classes: nn.KLDivLoss()
-
-
-def resize(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Bilinear resize of (b, K, h, w) maps to (b, K, *size)."""
-    return maps if tuple(maps.shape[-2:]) == size else F.interpolate(maps, size=size, mode="bilinear",
-                                                                      align_corners=False)
 
 
 def consistency_rampup(iteration: int, settings: SelfTrainSettings) -> float:
