@@ -55,7 +55,19 @@ def _convert(annotation: Any, value: Any, section: str) -> Any:
         return tuple(value)
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if annotation is int:
+        return _integer(value, section)
     return value
+
+
+def _integer(value: Any, section: str) -> int:
+    """An integer setting: an int, or a float with an integral value (YAML's 5.0); anything else fails here,
+    naming the key, instead of later inside a job."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise SettingsError(f"{section}: expected an integer, got {value!r}")
+    if isinstance(value, float) and not value.is_integer():
+        raise SettingsError(f"{section}: expected an integer, got {value!r}")
+    return int(value)
 
 
 def to_dict(settings: Any) -> dict[str, Any]:
@@ -85,4 +97,45 @@ def with_run_seed(settings: Any, run_seed: int | str, stride: int = 1) -> Any:
                 else with_run_seed(value, run_seed, stride) for key, value in settings.items()}
     if isinstance(settings, (list, tuple)):
         return [with_run_seed(item, run_seed, stride) for item in settings]
+    return settings
+
+
+def merged(base: dict[str, Any], overrides: dict[str, Any], section: str) -> dict[str, Any]:
+    """``base`` with ``overrides`` applied key by key, mappings recursively; a key ``base`` lacks fails, naming it.
+
+    A self-training variant's ``overrides`` (a tuning trial) change only settings its method reads.
+    """
+    result = dict(base)
+    for key, value in overrides.items():
+        if key not in base:
+            raise SettingsError(f"{section}: cannot override '{key}': not a setting here; known: {sorted(base)}")
+        both_mappings = isinstance(value, dict) and isinstance(base[key], dict) and not _is_run_relative(value)
+        result[key] = merged(base[key], value, f"{section}.{key}") if both_mappings else value
+    return result
+
+
+RUN_RELATIVE_KEYS = ("memory", "run_fraction")
+
+
+def _is_run_relative(value: Any) -> bool:
+    return isinstance(value, dict) and len(value) == 1 and next(iter(value)) in RUN_RELATIVE_KEYS
+
+
+def resolve_run_relative(settings: Any, iterations: int, section: str = "settings") -> Any:
+    """Replace run-relative values by absolute ones for a run of ``iterations`` iterations.
+
+    ``{memory: f}`` is a momentum whose exponential memory 1 / (1 - m) is the share f of the run:
+    m = 1 - 1 / (f x iterations), so a setting tuned on a short run carries to a long one (0.99 on
+    1,000 iterations is memory 0.1; on GTA5's 90,000 the same 0.1 is 0.99989). ``{run_fraction: f}``
+    is an interval of round(f x iterations) iterations. Anything else is returned unchanged.
+    """
+    if _is_run_relative(settings):
+        (kind, share), = settings.items()
+        if not (isinstance(share, (int, float)) and share > 0):
+            raise SettingsError(f"{section}: {kind} must be a number > 0, got {share!r}")
+        if kind == "run_fraction":
+            return max(1, round(share * iterations))
+        return max(0.0, 1.0 - 1.0 / (share * iterations))
+    if isinstance(settings, dict):
+        return {key: resolve_run_relative(value, iterations, f"{section}.{key}") for key, value in settings.items()}
     return settings

@@ -45,3 +45,35 @@ def test_run_seed_offsets_every_seed_key_at_any_depth():
     assert with_run_seed(settings, 0) == settings  # run seed 0 is the configured run
     assert settings["training"]["seed"] == 0  # the config itself is left alone
     assert repr(with_run_seed(({"seed": 1},), 1)) == "[{'seed': 2}]"  # builtin lists: params compare by repr
+
+
+def test_overrides_merge_key_by_key_and_refuse_unknown_keys():
+    from bismap.settings import merged
+
+    base = {"training": {"iterations": 10, "optimizer": {"learning_rate": 0.01, "momentum": 0.9}}, "tau": 1.0}
+    result = merged(base, {"training": {"optimizer": {"learning_rate": 0.02}}, "tau": {"memory": 0.5}}, "v")
+    assert result == {"training": {"iterations": 10, "optimizer": {"learning_rate": 0.02, "momentum": 0.9}},
+                      "tau": {"memory": 0.5}}
+    assert base["training"]["optimizer"]["learning_rate"] == 0.01  # not mutated
+    with pytest.raises(SettingsError, match=r"v.training: cannot override 'steps'"):
+        merged(base, {"training": {"steps": 3}}, "v")
+
+
+def test_run_relative_values_resolve_against_the_run_length():
+    from bismap.settings import resolve_run_relative
+
+    settings = {"ema_decay": {"memory": 0.1}, "interval": {"run_fraction": 0.25}, "plain": 0.99, "nested": {"m": {"memory": 1.0}}}
+    resolved = resolve_run_relative(settings, 1000)
+    assert resolved == {"ema_decay": pytest.approx(0.99), "interval": 250, "plain": 0.99,
+                        "nested": {"m": pytest.approx(0.999)}}
+    assert resolve_run_relative({"m": {"memory": 0.1}}, 90_000)["m"] == pytest.approx(1 - 1 / 9000)
+    with pytest.raises(SettingsError, match="s.m: memory must be a number > 0"):
+        resolve_run_relative({"m": {"memory": 0}}, 10, "s")
+
+
+def test_integer_settings_take_integral_floats_and_refuse_the_rest_naming_the_key():
+    settings = from_dict(TrainSettings, {"iterations": 5.0, "batch_size": 4}, "warmup")
+    assert settings.iterations == 5 and isinstance(settings.iterations, int)
+    for bad in (5.5, "5", True):
+        with pytest.raises(SettingsError, match=r"warmup.iterations: expected an integer, got"):
+            from_dict(TrainSettings, {"iterations": bad}, "warmup")
