@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
+from bismap.progress import tqdm
 
 from bismap.io import atomic_directory, write_json
 from bismap.settings import SettingsError, from_dict, to_dict

@@ -10,7 +10,7 @@ import logging
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
+from bismap.progress import tqdm
 
 from bismap.data.formats import get_format
 from bismap.data.samples import DatasetError, Sample, check_same_size, image_size

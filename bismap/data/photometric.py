@@ -46,7 +46,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 from skimage.color import lab2rgb, rgb2lab
-from tqdm import tqdm
+from bismap.progress import tqdm
 
 from bismap.data.samples import Manifest, open_image
 from bismap.io import read_json, write_json, write_png

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 from torch.utils.data import DataLoader
-from tqdm import tqdm
+from bismap.progress import tqdm
 
 from bismap.data.loading import Manifest, SegmentationDataset
 from bismap.evaluation.metrics import confusion_matrix, markdown_table, plot_confusion, summarize

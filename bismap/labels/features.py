@@ -44,7 +44,7 @@ import h5py
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
-from tqdm import tqdm
+from bismap.progress import tqdm
 
 from bismap.data.loading import Manifest, SegmentationDataset
 from bismap.data.photometric import load_statistics

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Subset
-from tqdm import tqdm
+from bismap.progress import tqdm
 
 from bismap.data.loading import Manifest, SegmentationDataset
 from bismap.data.samples import IGNORE_INDEX

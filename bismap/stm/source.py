@@ -40,7 +40,7 @@ import torch
 from PIL import Image
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Subset
-from tqdm import tqdm
+from bismap.progress import tqdm
 
 from bismap.data.loading import Manifest
 from bismap.data.photometric import load_statistics

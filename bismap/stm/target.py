@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 from torch.utils.data import DataLoader
-from tqdm import tqdm
+from bismap.progress import tqdm
 
 from bismap.data.loading import Manifest, SegmentationDataset
 from bismap.io import atomic_path, write_json

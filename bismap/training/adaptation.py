@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
-from tqdm import tqdm
+from bismap.progress import tqdm
 
 from bismap.data.loading import Manifest, ResumableBatchSampler, SegmentationDataset, train_augmentation
 from bismap.io import write_text

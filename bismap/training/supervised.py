@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 from torch.utils.data import DataLoader
-from tqdm import tqdm
+from bismap.progress import tqdm
 
 from bismap.data.loading import AugmentSettings, Manifest, ResumableBatchSampler, SegmentationDataset, train_augmentation
 from bismap.data.photometric import load_statistics
