@@ -165,3 +165,13 @@ def test_two_seeds_give_a_wide_paired_interval_and_only_a_narrow_one_says_no_eff
     assert verdict(narrow["ci95"]) == "no effect"
     assert verdict([0.2, 3.0]) == "gain" and verdict([-3.0, -0.2]) == "loss" and verdict(None) == "one seed"
     assert format_interval([-10.71, 14.71]) == "[-10.7, +14.7]" and format_interval(None) == "—"
+
+
+def test_gap_closed_is_undefined_where_the_oracle_does_not_beat_the_warmup():
+    from bismap.report.tables import gains
+
+    rows = {"warmup": {"miou": 40.0}, "selftrain": {"miou": 46.0}, "oracle": {"miou": 35.0}}
+    result = gains(rows)
+    assert result["selftrain"] == {"gain_over_warmup": 6.0, "gap_closed_percent": None}
+    rows["oracle"]["miou"] = 50.0
+    assert gains(rows)["selftrain"]["gap_closed_percent"] == pytest.approx(60.0)

@@ -8,7 +8,9 @@ row closes::
 
     gap closed = (mIoU_row - mIoU_warmup) / (mIoU_oracle - mIoU_warmup)
 
-A row that does worse than the warmup shows a negative gain and share.
+A row that does worse than the warmup shows a negative gain and share. Where the
+oracle does not beat the warmup there is no gap to close: the share is undefined
+("-" in Markdown, null in JSON), not a percentage of a negative or zero gap.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ def gains(rows: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, float | 
     for model, metrics in rows.items():
         gain = None if warmup is None else metrics["miou"] - warmup
         closed = None
-        if gain is not None and oracle is not None and oracle != warmup:
+        if gain is not None and oracle is not None and oracle > warmup:  # no gap to close otherwise: undefined
             closed = 100.0 * gain / (oracle - warmup)
         result[model] = {"gain_over_warmup": gain, "gap_closed_percent": closed}
     return result
