@@ -1,6 +1,7 @@
 # Config validation, path helpers and the params every rule shares.
 
 import os
+import re
 from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
@@ -8,7 +9,7 @@ from snakemake.utils import validate
 
 import bismap
 from bismap.runtime import local_cuda_devices
-from bismap.settings import with_run_seed  # run seed -> every stage's seeds (digit-scenes splits: stride 1000)
+from bismap.settings import merged, resolve_run_relative, with_run_seed  # run seed -> every stage's seeds (digit-scenes splits: stride 1000)
 
 validate(config, schema="../config/schema.yaml")
 
@@ -158,12 +159,25 @@ def model_components():
     return components
 
 
+def control_rows():
+    """The report's controls (variants with compare_with): model -> {reference, changes} (bismap.report.seeds)."""
+    rows = {}
+    for name, variant in selftrain_variants().items():
+        if variant["compare_with"]:
+            changes = [f"STM form {variant['stm_form']}"] * (variant["stm_form"] != "eq9")
+            changes += [f"labels {variant['labels']}"] * bool(variant["labels"])
+            changes += [f"settings {variant['overrides']}"] * bool(variant["overrides"])
+            rows[f"selftrain_{name}"] = {"reference": f"selftrain_{variant['compare_with']}",
+                                         "changes": ", ".join(changes) or "-"}
+    return rows
+
+
 def full_bismap_variant():
     """The variant that is BiSMAP itself: the distillation teacher, else the last with MAPs, STM and consistency."""
     if distill_enabled():
         return distill_teacher()
     full = [name for name, variant in bismap_variants().items()
-            if variant["maps"] and variant["stm"] and variant["consistency"]]
+            if variant["maps"] and variant["stm"] and variant["consistency"] and not variant["compare_with"]]
     return full[-1] if full else None
 
 
@@ -225,13 +239,22 @@ def pseudo_label_settings(labels):
         return maps_pseudo_label_settings()
     if labels == "cas":
         return {"strategy": "cas", "margin": config.get("selftrain", {}).get("cag", {}).get("margin", 2.5)}
+    if labels in COVERAGE_MATCHED_LABELS:  # scored as the MAPs labels are, thresholded to their PL ratio
+        resolution = maps_pseudo_label_settings().get("resolution", "feature")
+        strategy = labels.removesuffix("_matched")
+        return {"strategy": strategy, "match_coverage": True, "resolution": resolution}
     return {**config.get("selftrain", {}).get("baseline_pseudo_labels", {})}
 
 
 def pseudo_label_inputs(wildcards):
-    """The MAPs file for the MAPs labels; the baseline's confidence labels need the warmup only."""
-    prototypes = run_path("maps", "prototypes.h5", seed=wildcards.seed)
-    return {"prototypes": prototypes} if wildcards.labels in ("maps", "cas") else {}
+    """The MAPs file for the MAPs and anchor labels; the confidence labels need the warmup only; the coverage
+    controls the MAPs labels' PL ratio."""
+    inputs = {}
+    if wildcards.labels in ("maps", "cas", "cas_matched"):
+        inputs["prototypes"] = run_path("maps", "prototypes.h5", seed=wildcards.seed)
+    if wildcards.labels in COVERAGE_MATCHED_LABELS:
+        inputs["coverage_reference"] = run_path("pseudo_labels", "maps", "summary.json", seed=wildcards.seed)
+    return inputs
 
 
 def pseudo_label_report_settings():
@@ -267,9 +290,12 @@ def stm_shards():
     return list(range(int(stm_settings().get("shards", 1))))
 
 
-def stm_weight_directories(seed="{seed}"):
-    """The folders of the STM weight PNGs, one per shard (bismap.stm.source.weight_map_paths)."""
-    return [run_path("stm", "weights", f"shard_{shard}", seed=seed) for shard in stm_shards()]
+def stm_weight_directories(seed="{seed}", form="eq9"):
+    """The folders of the STM weight PNGs, one per shard (bismap.stm.source.weight_map_paths); a control form's
+    under stm/controls/<form>/."""
+    if form == "eq9":
+        return [run_path("stm", "weights", f"shard_{shard}", seed=seed) for shard in stm_shards()]
+    return [run_path("stm", "controls", form, f"shard_{shard}", seed=seed) for shard in stm_shards()]
 
 
 def stm_embedding_inputs(wildcards):
@@ -328,7 +354,11 @@ def selftrain_enabled():
 METHOD_SETTINGS = {"proda": ("training", "proda", "strong_augment"), "cpsl": ("training", "cpsl", "strong_augment"),
                    "contrastive": ("training", "contrastive"), "cag": ("training", "cag")}
 VARIANT_DEFAULTS = {"method": "bismap", "maps": False, "stm": False, "consistency": False, "alignment": False,
-                    "rounds": 1}
+                    "rounds": 1, "stm_form": "eq9", "labels": None, "overrides": {}, "compare_with": None}
+# Controls of BiSMAP's components (issue: each component isolated): the STM map's form, and the label sets
+# of equal coverage to the MAPs labels (bismap.labels.coverage).
+STM_FORMS = ("eq9", "distance_only", "entropy_only", "class_mean")
+COVERAGE_MATCHED_LABELS = ("confidence_matched", "cas_matched")
 
 
 def selftrain_variants():
@@ -344,11 +374,28 @@ def selftrain_variants():
             raise WorkflowError(f"selftrain variant '{variant['name']}' (method {settings['method']}): maps, stm, "
                                 "consistency, alignment and rounds belong to method bismap (rounds also to cag: "
                                 "its stages)")
+        if settings["method"] != "bismap" and (settings["stm_form"] != "eq9" or settings["labels"]):
+            raise WorkflowError(f"selftrain variant '{variant['name']}' (method {settings['method']}): stm_form "
+                                "and labels belong to method bismap")
+        if settings["labels"] and settings["maps"]:
+            raise WorkflowError(f"selftrain variant '{variant['name']}': labels '{settings['labels']}' replace the "
+                                "MAPs labels; set maps: false")
         if settings["alignment"] and not settings["consistency"]:
             raise WorkflowError(f"selftrain variant '{variant['name']}': alignment acts on the consistency "
                                 "teacher's targets; set consistency: true")
         variants[variant["name"]] = settings
+    for name, settings in variants.items():
+        if settings["compare_with"] is not None and settings["compare_with"] not in variants:
+            raise WorkflowError(f"selftrain variant '{name}': compare_with '{settings['compare_with']}' is not a "
+                                f"variant; configured: {sorted(variants)}")
     return variants
+
+
+def variant_name_pattern():
+    """The {variant} wildcard matches a configured variant name only: a looser pattern would let rule
+    selftrain's files (benchmarks/selftrain_{variant}.tsv) match a round's (selftrain_round_bismap_round_1.tsv)."""
+    names = sorted(selftrain_variants(), key=len, reverse=True)
+    return "|".join(re.escape(name) for name in names) if names else "(?!)"
 
 
 def bismap_variants():
@@ -364,17 +411,26 @@ def selftrain_variant(name):
 
 
 def variant_pseudo_labels(name):
-    """Which pseudo-label set a variant learns from: 'maps' or 'baseline' (also the contrastive static labels)."""
-    return "maps" if selftrain_variant(name)["maps"] else "baseline"
+    """Which pseudo-label set a variant learns from: 'maps', 'baseline' (also the contrastive static labels) or
+    a set of equal coverage to the MAPs labels (its ``labels``)."""
+    variant = selftrain_variant(name)
+    return variant["labels"] or ("maps" if variant["maps"] else "baseline")
 
 
 def selftrain_run_settings(wildcards):
     """SelfTrainSettings of one variant: only what it uses, so editing lambda reruns consistency variants only."""
     variant = selftrain_variant(wildcards.variant)
+    settings = variant_method_settings(wildcards, variant)
+    settings = merged(settings, variant["overrides"], f"selftrain variant '{wildcards.variant}' overrides")
+    return with_run_seed(resolve_run_relative(settings, settings["training"]["iterations"],
+                                              f"selftrain variant '{wildcards.variant}'"), wildcards.seed)
+
+
+def variant_method_settings(wildcards, variant):
+    """The selftrain keys a variant's method reads, before its overrides."""
     if variant["method"] != "bismap":  # ProdaTrainSettings, CpslTrainSettings, ...
         keys = METHOD_SETTINGS[variant["method"]]
-        return with_run_seed({key: selftrain_settings()[key] for key in keys if key in selftrain_settings()},
-                             wildcards.seed)
+        return {key: selftrain_settings()[key] for key in keys if key in selftrain_settings()}
     shared = ("training", "init", "sce_alpha", "sce_beta")
     settings = {key: selftrain_settings()[key] for key in shared if key in selftrain_settings()}
     if variant["consistency"]:
@@ -390,7 +446,7 @@ def selftrain_run_settings(wildcards):
     settings.update(use_stm=variant["stm"], use_consistency=variant["consistency"], use_pseudo_labels=True)
     if round_number_of(wildcards) > 1:  # 'warmup': start from the input checkpoint, here the previous round's
         settings["init"] = "warmup"
-    return with_run_seed(settings, wildcards.seed)
+    return settings
 
 
 def variant_rounds(name):
@@ -446,7 +502,8 @@ def selftrain_initial_inputs(wildcards):
     if method in ("proda", "cpsl"):  # make their labels while they train
         return {"initial": warmup}
     if method == "cag":  # the anchor labels, and the anchors (the MAPs file's class centroids)
-        return {"initial": warmup, "pseudo_labels": label_shard_folders("cas", seed=wildcards.seed),
+        labels = label_shard_folders(*cag_label_set(wildcards.variant), seed=wildcards.seed)
+        return {"initial": warmup, "pseudo_labels": labels,
                 "prototypes": run_path("maps", "prototypes.h5", seed=wildcards.seed)}
     labels = label_shard_folders(variant_pseudo_labels(wildcards.variant), seed=wildcards.seed)
     return {"initial": warmup, "pseudo_labels": labels}
@@ -458,7 +515,7 @@ def selftrain_inputs(wildcards):
     if variant["stm"]:
         if not stm_enabled():
             raise WorkflowError(f"selftrain variant '{wildcards.variant}' uses the STM but stm.enabled is false")
-        inputs["transferability"] = stm_weight_directories(wildcards.seed)
+        inputs["transferability"] = stm_weight_directories(wildcards.seed, variant["stm_form"])
     if selftrain_settings().get("init") == "imagenet" and round_number_of(wildcards) == 1:
         inputs.update(pretrained_inputs(wildcards))
     return inputs
@@ -510,12 +567,41 @@ def distill_run_settings(wildcards):
 
 def maps_labels_needed():
     """The MAPs pseudo-label shards are in the DAG: maps.enabled, or a variant learns from them."""
-    return maps_enabled() or any(variant["maps"] for variant in bismap_variants().values())
+    return maps_enabled() or any(variant["maps"] for variant in bismap_variants().values()) \
+        or bool(coverage_matched_label_sets())
+
+
+def coverage_matched_label_sets():
+    """The label sets of equal coverage to the MAPs labels that some variant learns from."""
+    return [labels for labels in COVERAGE_MATCHED_LABELS
+            if any(variant["labels"] == labels for variant in selftrain_variants().values())]
+
+
+def maps_summary_needed():
+    """pseudo_labels/maps/summary.json: maps.enabled, or the coverage the matched label sets take."""
+    return maps_enabled() or bool(coverage_matched_label_sets())
+
+
+def stm_control_forms():
+    """The controls of the STM map some variant with stm trains on (stm/controls/<form>/)."""
+    return [form for form in STM_FORMS[1:]
+            if any(variant["stm"] and variant["stm_form"] == form for variant in selftrain_variants().values())]
+
+
+def cag_margin(name):
+    """Delta_d of a cag variant's anchor labels: selftrain.cag.margin, or its overrides' (a tuning trial)."""
+    return selftrain_variant(name)["overrides"].get("cag", {}).get("margin", pseudo_label_settings("cas")["margin"])
+
+
+def cag_label_set(name):
+    """The anchor labels of a cag variant's first stage: the shared 'cas' set, or its own for its own margin."""
+    return ("cas",) if cag_margin(name) == pseudo_label_settings("cas")["margin"] else ("cas_variants", name)
 
 
 def cas_labels_needed():
-    """CAG-UDA's anchor labels are in the DAG: a variant of method cag learns from them."""
-    return any(variant["method"] == "cag" for variant in selftrain_variants().values())
+    """CAG-UDA's shared anchor labels are in the DAG: a variant of method cag learns from them."""
+    return any(variant["method"] == "cag" and cag_label_set(name) == ("cas",)
+               for name, variant in selftrain_variants().items())
 
 
 def baseline_labels_needed():
@@ -526,7 +612,8 @@ def baseline_labels_needed():
 def prototypes_needed():
     """The MAPs file (features, GMM fits, merge) is in the DAG: for the MAPs labels or the report's maps/cas."""
     report_needs = pseudo_label_report_enabled() and bool({"maps", "cas"} & set(pseudo_label_strategies()))
-    return maps_labels_needed() or cas_labels_needed() or report_needs
+    cag = any(variant["method"] == "cag" for variant in selftrain_variants().values())  # the anchors
+    return maps_labels_needed() or cag or report_needs
 
 
 def stage_jobs():
@@ -540,6 +627,7 @@ def stage_jobs():
     shards = [f"shard_{shard}" for shard in maps_shards()]
     stm_shard_names = [f"shard_{shard}" for shard in stm_shards()]
     labels = ["maps"] * maps_labels_needed() + ["baseline"] * baseline_labels_needed() + ["cas"] * cas_labels_needed()
+    labels += coverage_matched_label_sets()
     jobs = {"make_digit_scenes": [domain for domain in DOMAINS if domain_settings(domain)["format"] == "digit_scenes"],
             "index_dataset": DOMAINS, "gpa_statistics": [""] * gpa_enabled(), "warmup": [""],
             "oracle": [""] * oracle_enabled()}
@@ -547,13 +635,17 @@ def stage_jobs():
         jobs.update(extract_source_features=[""], merge_class_gmms=[""],
                     fit_class_gmm=[f"job_{job}" for job in range(len(gmm_job_classes()))])
     jobs["pseudo_labels"] = [f"{name}_{shard}" for name in labels for shard in shards]
-    jobs["merge_pseudo_labels"] = ["maps"] * maps_enabled() + ["baseline"] * baseline_labels_needed() + \
+    jobs["merge_pseudo_labels"] = ["maps"] * maps_summary_needed() + ["baseline"] * baseline_labels_needed() + \
         ["teacher"] * distill_enabled()
+    own_anchor_labels = [name for name, variant in selftrain_variants().items()
+                         if variant["method"] == "cag" and cag_label_set(name) != ("cas",)]
+    jobs["variant_anchor_labels"] = [f"{name}_{shard}" for name in own_anchor_labels for shard in shards]
     jobs["pseudo_label_report"] = [""] * pseudo_label_report_enabled()
     if stm_enabled():
         jobs.update(extract_target_embeddings=[""], target_prototypes=[""], class_entropy=[""],
                     source_distance_statistics=stm_shard_names, source_transferability=stm_shard_names,
-                    merge_source_transferability=[""])
+                    merge_source_transferability=[""],
+                    stm_control_weights=[f"{form}_{shard}" for form in stm_control_forms() for shard in stm_shard_names])
     jobs["selftrain"] = list(selftrain_variants())
     jobs["selftrain_round"] = [f"{variant}_round_{round_number}" for variant, round_number in earlier_rounds()]
     rounds = [f"{variant}_round_{round_number}" for variant, round_number in earlier_rounds("bismap")]
@@ -615,3 +707,7 @@ onsuccess:
     if stm_enabled():
         print(f"  source transferability maps: {each('stm', 'weights')}/shard_*/ (summary.json, preview.png)")
     print(f"  Snakemake benchmarks (wall time, memory) of every job: {each('benchmarks')}/")
+
+
+# The {variant} wildcard of the self-training rules: the configured names only (variant_name_pattern).
+VARIANT_NAMES = variant_name_pattern()

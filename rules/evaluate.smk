@@ -92,6 +92,7 @@ rule report_seeds:
         models=evaluated_models(),
         components=model_components(),
         methods=method_rows(),
+        controls=control_rows(),
         code_version=CODE_VERSION,
     conda:
         CONDA_ENV

@@ -102,7 +102,7 @@ rule pseudo_labels:
         shard_count=len(maps_shards()),
         code_version=CODE_VERSION,
     wildcard_constraints:
-        labels="maps|baseline|cas",
+        labels="maps|baseline|cas|confidence_matched|cas_matched",
         shard=r"\d+",
     threads: config["threads"]["evaluate"]
     resources:
@@ -127,7 +127,7 @@ rule merge_pseudo_labels:
     params:
         code_version=CODE_VERSION,
     wildcard_constraints:
-        labels="maps|baseline|teacher",
+        labels="maps|baseline|teacher|confidence_matched|cas_matched",
     threads: 1
     conda:
         CONDA_ENV

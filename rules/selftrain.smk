@@ -29,7 +29,7 @@ rule selftrain:
         state=run_path(".state", "selftrain_{variant}.pt"),
         code_version=CODE_VERSION,
     wildcard_constraints:
-        variant="[a-z][a-z0-9_]*",
+        variant=VARIANT_NAMES,
     threads: config["threads"]["train"]
     resources:
         gpu=GPU_PER_JOB,
@@ -55,7 +55,7 @@ use rule selftrain as selftrain_round with:
         state=run_path(".state", "selftrain_{variant}_round_{round}.pt"),
         code_version=CODE_VERSION,
     wildcard_constraints:
-        variant="[a-z][a-z0-9_]*",
+        variant=VARIANT_NAMES,
         round=r"\d+",
     log:
         log_path("selftrain_round", "{variant}_round_{round}"),
@@ -77,7 +77,7 @@ use rule pseudo_labels as round_pseudo_labels with:
         shard_count=len(maps_shards()),
         code_version=CODE_VERSION,
     wildcard_constraints:
-        variant="[a-z][a-z0-9_]*",
+        variant=VARIANT_NAMES,
         round=r"\d+",
         shard=r"\d+",
     log:
@@ -103,7 +103,7 @@ use rule extract_source_features as stage_source_features with:
     output:
         features=run_path("maps", "rounds", "{variant}_round_{round}", "source_features.h5"),
     wildcard_constraints:
-        variant="[a-z][a-z0-9_]*",
+        variant=VARIANT_NAMES,
         round=r"\d+",
     log:
         log_path("stage_source_features", "{variant}_round_{round}"),
@@ -117,7 +117,7 @@ use rule fit_class_gmm as stage_fit_class_gmm with:
     output:
         gmms=directory(run_path("maps", "rounds", "{variant}_round_{round}", "gmm", "job_{gmm_job}")),
     wildcard_constraints:
-        variant="[a-z][a-z0-9_]*",
+        variant=VARIANT_NAMES,
         round=r"\d+",
         gmm_job=r"\d+",
     log:
@@ -134,7 +134,7 @@ use rule merge_class_gmms as stage_merge_class_gmms with:
     output:
         prototypes=run_path("maps", "rounds", "{variant}_round_{round}", "prototypes.h5"),
     wildcard_constraints:
-        variant="[a-z][a-z0-9_]*",
+        variant=VARIANT_NAMES,
         round=r"\d+",
     log:
         log_path("stage_merge_class_gmms", "{variant}_round_{round}"),
@@ -151,15 +151,38 @@ use rule pseudo_labels as stage_anchor_labels with:
         labels=directory(run_path("pseudo_labels", "cag_rounds", "{variant}_round_{round}", "shard_{shard}")),
         statistics=run_path("pseudo_labels", "cag_rounds", "{variant}_round_{round}", "shard_{shard}.json"),
     params:
-        settings=pseudo_label_settings("cas"),
+        settings=lambda wildcards: {"strategy": "cas", "margin": cag_margin(wildcards.variant)},
         shard_index=lambda wildcards: int(wildcards.shard),
         shard_count=len(maps_shards()),
         code_version=CODE_VERSION,
     wildcard_constraints:
-        variant="[a-z][a-z0-9_]*",
+        variant=VARIANT_NAMES,
         round=r"\d+",
         shard=r"\d+",
     log:
         log_path("stage_anchor_labels", "{variant}_round_{round}_shard_{shard}"),
     benchmark:
         benchmark_path("stage_anchor_labels", "{variant}_round_{round}_shard_{shard}")
+
+
+# The first stage's anchor labels of a cag variant with a margin of its own (a tuning trial's overrides).
+use rule pseudo_labels as variant_anchor_labels with:
+    input:
+        checkpoint=run_path("checkpoints", "warmup.pt"),
+        prototypes=run_path("maps", "prototypes.h5"),
+        manifest=run_path("manifests", "target_train.json"),
+    output:
+        labels=directory(run_path("pseudo_labels", "cas_variants", "{variant}", "shard_{shard}")),
+        statistics=run_path("pseudo_labels", "cas_variants", "{variant}", "shard_{shard}.json"),
+    params:
+        settings=lambda wildcards: {"strategy": "cas", "margin": cag_margin(wildcards.variant)},
+        shard_index=lambda wildcards: int(wildcards.shard),
+        shard_count=len(maps_shards()),
+        code_version=CODE_VERSION,
+    wildcard_constraints:
+        variant=VARIANT_NAMES,
+        shard=r"\d+",
+    log:
+        log_path("variant_anchor_labels", "{variant}_shard_{shard}"),
+    benchmark:
+        benchmark_path("variant_anchor_labels", "{variant}_shard_{shard}")

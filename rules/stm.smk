@@ -165,3 +165,34 @@ rule merge_source_transferability:
         benchmark_path("merge_source_transferability")
     script:
         "../workflow_scripts/source_transferability.py"
+
+
+# Controls of the map (selftrain variants with stm_form, README: isolating the STM): Eq. 9 with e' = 0
+# (distance_only), with the distance term held at 1/2 (entropy_only), or each pixel its class's mean
+# Eq. 9 weight (class_mean, from the Eq. 9 summary).
+use rule source_transferability as stm_control_weights with:
+    input:
+        unpack(gpa_inputs),
+        unpack(stm_embedding_inputs),
+        manifest=run_path("manifests", "source.json"),
+        prototypes=run_path("stm", "target_prototypes.npy"),
+        class_entropy=run_path("stm", "class_entropy.json"),
+        distances=expand(run_path("stm", "distances", "shard_{shard}.json"), shard=stm_shards(), allow_missing=True),
+        summary=run_path("stm", "summary.json"),
+    output:
+        weights=directory(run_path("stm", "controls", "{form}", "shard_{shard}")),
+        statistics=run_path("stm", "controls", "{form}", "shard_{shard}.json"),
+    params:
+        network=stm_network_settings(),
+        settings=lambda wildcards: {**stm_transferability_settings(), "form": wildcards.form},
+        shard_index=lambda wildcards: int(wildcards.shard),
+        shard_count=len(stm_shards()),
+        class_names=config["classes"],
+        code_version=CODE_VERSION,
+    wildcard_constraints:
+        form="distance_only|entropy_only|class_mean",
+        shard=r"\d+",
+    log:
+        log_path("stm_control_weights", "{form}_shard_{shard}"),
+    benchmark:
+        benchmark_path("stm_control_weights", "{form}_shard_{shard}")

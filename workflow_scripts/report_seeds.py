@@ -12,4 +12,5 @@ with rule_context(snakemake.log[0], snakemake.threads):
         markdown_path=snakemake.output.markdown,
         json_path=snakemake.output.json,
         methods=snakemake.params.methods,
+        controls=snakemake.params.controls,
     )

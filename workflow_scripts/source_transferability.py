@@ -1,13 +1,14 @@
-"""Rules source_distance_statistics (d_mean pass), source_transferability (Eq. 9 maps, one shard) and
-merge_source_transferability (summary and preview); BiSMAP Sec. 3.4, Eqs. 7 and 9."""
+"""Rules source_distance_statistics (d_mean pass), source_transferability (Eq. 9 maps, one shard),
+stm_control_weights (a control of them) and merge_source_transferability (summary and preview); BiSMAP
+Sec. 3.4, Eqs. 7 and 9."""
 
 from bismap.devices import acquire_devices
 from bismap.io import atomic_directory
 from bismap.runtime import rule_context
 from bismap.settings import from_dict
 from bismap.stm.embeddings import EmbeddingNetworkSettings, build_embedding_network
-from bismap.stm.source import (TransferabilitySettings, merge_transferability, source_distance_statistics,
-                               write_weight_maps)
+from bismap.stm.source import (TransferabilitySettings, class_mean_weights, merge_transferability,
+                               source_distance_statistics, write_weight_maps)
 from bismap.stm.target import set_faiss_threads
 
 with rule_context(snakemake.log[0], snakemake.threads):
@@ -38,9 +39,12 @@ with rule_context(snakemake.log[0], snakemake.threads):
                                            snakemake.output.statistics, settings=settings, device=device,
                                            photometric_statistics_path=photometric, **shard)
             else:
+                summary = snakemake.input.get("summary")  # the controls: class means of the Eq. 9 map
+                class_means = class_mean_weights(summary, snakemake.params.class_names) if summary else None
                 with atomic_directory(snakemake.output.weights) as folder:  # complete folder or none
                     write_weight_maps(network, snakemake.input.manifest, snakemake.input.prototypes,
                                       snakemake.input.class_entropy, list(snakemake.input.distances), folder,
                                       settings=settings, device=device, class_names=snakemake.params.class_names,
                                       photometric_statistics_path=photometric,
-                                      statistics_path=snakemake.output.statistics, **shard)
+                                      statistics_path=snakemake.output.statistics, class_means=class_means,
+                                      **shard)

@@ -65,6 +65,9 @@ class PseudoLabelSettings:
     confidence: float = 0.9  # confidence: minimum softmax maximum
     fraction: float = 0.5  # confidence_balanced: share kept per predicted class and image
     flip_average: bool = False  # confidence strategies: average the softmax of x and of its mirror (ProDA)
+    # confidence, cas: the threshold (confidence or margin) that labels the same share of pixels as a reference
+    # label set, found by bismap.labels.coverage.match_coverage before labelling
+    match_coverage: bool = False
     # 'feature': label the (h, w) network outputs, then upsample the labels by nearest neighbour (each
     # label covers a stride x stride block); 'image': upsample logits and features bilinearly to (H, W)
     # first, as the evaluation does with logits, so a label follows structures thinner than the stride.
@@ -85,6 +88,8 @@ class PseudoLabelSettings:
             raise ValueError(f"pseudo_labels.classifier_agreement needs strategy maps, not '{self.strategy}'")
         if self.flip_average and not self.strategy.startswith("confidence"):
             raise ValueError(f"pseudo_labels.flip_average needs a confidence strategy, not '{self.strategy}'")
+        if self.match_coverage and self.strategy not in ("confidence", "cas"):
+            raise ValueError(f"pseudo_labels.match_coverage needs strategy confidence or cas, not '{self.strategy}'")
         if not 0.0 <= self.fraction <= 1.0 or not 0.0 <= self.percentile <= 100.0:
             raise ValueError("pseudo_labels.fraction must be in [0, 1] and percentile in [0, 100]")
 
@@ -268,7 +273,7 @@ def load_matching_prototypes(path: str | Path, class_names: list[str], device: t
     return prototypes
 
 
-def _load_prototypes(path: str | Path | None, settings: PseudoLabelSettings, class_names: list[str],
+def strategy_prototypes(path: str | Path | None, settings: PseudoLabelSettings, class_names: list[str],
                      device: torch.device) -> ClassPrototypes | None:
     if settings.strategy not in ("maps", "cas"):
         return None
@@ -292,10 +297,13 @@ def label_images(checkpoint_path: str | Path, manifest_path: str | Path, prototy
                  output_dir: str | Path, shard_index: int, shard_count: int, settings: PseudoLabelSettings,
                  device: torch.device, statistics_path: str | Path | None = None) -> dict[str, Any]:
     """Write ``<output_dir>/<sample name>.png`` for the shard's images; return (and write) its statistics."""
+    if settings.match_coverage:
+        raise ValueError("pseudo-label settings with match_coverage need their threshold first "
+                         "(bismap.labels.coverage.match_coverage)")
     model, checkpoint = load_model(checkpoint_path, device)
     model.eval()
     class_names = list(checkpoint["class_names"])
-    prototypes = _load_prototypes(prototypes_path, settings, class_names, device)
+    prototypes = strategy_prototypes(prototypes_path, settings, class_names, device)
     thresholds = resolve_thresholds(settings, prototypes) if settings.strategy == "maps" else None
     manifest = Manifest.load(manifest_path)
     has_truth = all(sample.label is not None for sample in manifest.samples)

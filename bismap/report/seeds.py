@@ -75,6 +75,18 @@ def effect_table(summaries: Mapping[Any, Mapping[str, Any]], models: Sequence[st
     return "\n".join(lines) + "\n"
 
 
+def control_table(summaries: Mapping[Any, Mapping[str, Any]], controls: Mapping[str, Mapping[str, str]]) -> str:
+    """Each control against the model it names (``reference``), paired by seed: the effect of what it changes."""
+    lines = ["| control | changes | compared with | effect (mIoU) | paired 95% CI | verdict |",
+             "|---|---|---|---|---|---|"]
+    for model, control in controls.items():
+        effect = mean_std([summary[model]["miou"] - summary[control["reference"]]["miou"]
+                           for summary in summaries.values()])
+        lines.append(f"| {model} | {control['changes']} | {control['reference']} | {format_stat(effect, signed=True)} "
+                     f"| {format_interval(effect['ci95'])} | {verdict(effect['ci95'])} |")
+    return "\n".join(lines) + "\n"
+
+
 def _change(name: str, before: bool | int | None, after: bool | int | None) -> str:
     if name == "rounds":
         return f"rounds {before or 0} → {after or 0}" if before else "self-training"
@@ -94,34 +106,40 @@ def class_table(rows: Mapping[str, Mapping[str, Any]]) -> str:
 def write_seed_summary(summary_paths: Mapping[int, str | Path], benchmarks: Mapping[int, Mapping[str, Sequence[str]]],
                        models: Sequence[str], components: Mapping[str, Mapping[str, bool | int]],
                        markdown_path: str | Path, json_path: str | Path,
-                       methods: Mapping[str, str] | None = None) -> dict[str, Any]:
+                       methods: Mapping[str, str] | None = None,
+                       controls: Mapping[str, Mapping[str, str]] | None = None) -> dict[str, Any]:
     """Write the Markdown and JSON report over the seeds of ``summary_paths`` (seed -> per-seed summary.json).
 
     ``benchmarks``: per seed, per rule, the benchmark files of its jobs
     (:func:`bismap.report.stage_times.stage_times`). ``methods``: the rows of
     the family table (:func:`bismap.report.methods.method_table`); rows of the
-    other methods of the family stay out of BiSMAP's component and effect tables.
+    other methods of the family stay out of BiSMAP's component and effect tables. ``controls``: model ->
+    {reference, changes}: rows compared with a named model in their own table, not in the chain of effects.
     """
-    methods = dict(methods or {})
+    methods, controls = dict(methods or {}), dict(controls or {})
     summaries = {seed: read_json(path) for seed, path in summary_paths.items()}
     rows = aggregate_models(summaries, models)
     gap = mean_std([summary.get("gap_warmup_to_oracle") for summary in summaries.values()])
     times = stage_times(benchmarks)
     seeds = list(summary_paths)
     result = {"seeds": seeds, "seed_count": len(seeds), "models": rows, "gap_warmup_to_oracle": gap, "methods": methods,
-              "components": {model: dict(components.get(model, {})) for model in models}, "stage_times": times}
+              "components": {model: dict(components.get(model, {})) for model in models}, "stage_times": times,
+              "controls": controls}
     text = f"# Target-val results over {len(seeds)} run seed(s)\n\n"
     text += (f"Seeds {', '.join(map(str, seeds))}: mean ± sample standard deviation (ddof = 1) over the seeds; "
              "'—': undefined with one seed. Reports of each seed: "
              + ", ".join(f"[seed {seed}]({_relative(Path(path).with_suffix('.md'), markdown_path)})"
                          for seed, path in summary_paths.items()) + ".\n")
-    ablation = [model for model in models if not is_family_method(methods.get(model))]
+    ablation = [model for model in models if not is_family_method(methods.get(model)) and model not in controls]
     text += "\n## Components (BiSMAP Table 4)\n\n" + component_table({model: rows[model] for model in ablation},
                                                                       components)
     text += ("\n## Effect of each component\n\nEach row minus the row before it, per seed, then mean ± std "
              "over the seeds and the paired Student-t 95% interval; 'no effect' only where the whole interval lies "
              "within ±1 mIoU, 'not resolved' where it spans zero and more.\n\n"
              + effect_table(summaries, ablation, components))
+    if controls:
+        text += ("\n## Controls\n\nEach control minus the model it is compared with, paired by seed: one "
+                 "component's content changed, everything else the same.\n\n" + control_table(summaries, controls))
     if methods:
         text += ("\n## Methods side by side\n\nTarget-val IoU on this benchmark, mean ± std over the seeds, and "
                  "each paper's own GTA5 → Cityscapes val mIoU for the same stage (ResNet-101 DeepLab): a "

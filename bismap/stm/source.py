@@ -50,8 +50,8 @@ from bismap.labels.strategies import shard_indices
 from bismap.stm.clustering import PrototypeSearch
 from bismap.stm.embeddings import EmbeddingNetwork, embedding_dataset, upsampled_rows
 from bismap.stm.target import load_prototypes, read_class_entropy
-from bismap.stm.weights import (WEIGHT_PNG_SCALE, MeanDistanceAccumulator, encode_weight_png, read_weight_map,
-                                transferability_weights)
+from bismap.stm.weights import (CONTROL_FORMS, WEIGHT_PNG_SCALE, MeanDistanceAccumulator, control_weights,
+                                encode_weight_png, read_weight_map)
 
 logger = logging.getLogger(__name__)
 
@@ -64,8 +64,11 @@ class TransferabilitySettings:
     chunk_rows: int = 65_536  # pixels per nearest-prototype search
     histogram_bins: int = 20  # per-class weight histogram over [0, 1] in the summary
     workers: int = 0
+    form: str = "eq9"  # Eq. 9, or a control of it (bismap.stm.weights.control_weights)
 
     def __post_init__(self) -> None:
+        if self.form not in CONTROL_FORMS:
+            raise ValueError(f"form must be one of {CONTROL_FORMS}, got '{self.form}'")
         if self.distance_resolution not in RESOLUTIONS:
             raise ValueError(f"distance_resolution must be one of {RESOLUTIONS}, got '{self.distance_resolution}'")
         if self.chunk_rows < 1 or self.histogram_bins < 1:
@@ -189,8 +192,10 @@ def write_weight_maps(network: EmbeddingNetwork, manifest_path: str | Path, prot
                       class_entropy_path: str | Path, distance_paths: Sequence[str | Path], output_dir: str | Path,
                       shard_index: int, shard_count: int, settings: TransferabilitySettings, device: torch.device,
                       class_names: list[str], photometric_statistics_path: str | Path | None = None,
-                      statistics_path: str | Path | None = None) -> dict[str, Any]:
-    """Eq. 9 maps of one shard's source images as ``<output_dir>/<name>.png``; returns (writes) statistics."""
+                      statistics_path: str | Path | None = None,
+                      class_means: np.ndarray | None = None) -> dict[str, Any]:
+    """Eq. 9 maps (or a control, ``settings.form``; class_mean needs the Eq. 9 ``class_means`` (C,)) of one
+    shard's source images as ``<output_dir>/<name>.png``; returns (writes) statistics."""
     centroids = load_prototypes(prototypes_path)  # (J, E)
     search = PrototypeSearch(centroids, device, chunk_rows=settings.chunk_rows)
     d_mean, pixels = mean_distance(distance_paths)
@@ -202,14 +207,21 @@ def write_weight_maps(network: EmbeddingNetwork, manifest_path: str | Path, prot
     for item in tqdm(loader, desc=f"transferability {shard_index + 1}/{shard_count}", unit="img"):
         distances = image_distances(network, item["image"].to(device), search, settings)  # (H, W), Eq. 7
         labels = item["label"].numpy()  # (H, W)
-        codes = encode_weight_png(transferability_weights(distances, labels, d_mean, entropy))  # Eq. 9
+        weights = control_weights(settings.form, distances, labels, d_mean, entropy, class_means)  # Eq. 9
+        codes = encode_weight_png(weights)
         write_weight_png(Path(output_dir) / f"{manifest.samples[item['index']].name}.png", codes)
         statistics.add(codes, labels)
     result = {**statistics.as_dict(), "class_names": class_names, "d_mean": d_mean, "distance_pixels": pixels,
-              "clusters": len(centroids), "shard_index": shard_index, "shard_count": shard_count}
+              "clusters": len(centroids), "shard_index": shard_index, "shard_count": shard_count, "form": settings.form}
     if statistics_path is not None:
         write_json(statistics_path, result)
     return result
+
+
+def class_mean_weights(summary_path: str | Path, class_names: Sequence[str]) -> np.ndarray:
+    """(C,) the mean Eq. 9 weight of each class over the source set (stm/summary.json); 1.0 for absent classes."""
+    means = read_json(summary_path)["mean_transferability_per_class"]
+    return np.array([1.0 if means.get(name) is None else means[name] for name in class_names], dtype=np.float64)
 
 
 def summarize_weight_statistics(parts: Sequence[dict[str, Any] | str | Path]) -> dict[str, Any]:

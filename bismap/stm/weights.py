@@ -43,7 +43,7 @@ from PIL import Image
 
 __all__ = ["IGNORE_LABEL", "IGNORE_WEIGHT", "UNSEEN_CLASS_ENTROPY", "WEIGHT_MAX", "WEIGHT_PNG_SCALE",
            "pixel_entropy", "min_max_normalize", "ClassEntropyAccumulator", "MeanDistanceAccumulator",
-           "transferability_weights", "encode_weight_png", "decode_weight_png", "read_weight_map"]
+           "transferability_weights", "control_weights", "CONTROL_FORMS", "encode_weight_png", "decode_weight_png", "read_weight_map"]
 
 logger = logging.getLogger(__name__)
 
@@ -224,3 +224,32 @@ def read_weight_map(path: str | os.PathLike[str]) -> np.ndarray:
     if codes.ndim != 2 or codes.min(initial=0) < 0 or codes.max(initial=0) > WEIGHT_PNG_SCALE:
         raise ValueError(f"{path}: values outside the uint16 range or not 2-D ({codes.shape})")
     return decode_weight_png(codes.astype(np.uint16))
+
+
+# Controls of Eq. 9 (README: isolating the STM): which part of the map carries its effect.
+CONTROL_FORMS = ("eq9", "distance_only", "entropy_only", "class_mean")
+
+
+def control_weights(form: str, distances: np.ndarray, labels: np.ndarray, d_mean: float,
+                    class_entropy_normalized: np.ndarray, class_means: np.ndarray | None = None) -> np.ndarray:
+    """Eq. 9 (``eq9``) or a control of it, float32 (H, W), ignore pixels 0:
+
+    * ``distance_only``: e' = 0, the pixel-level distance term alone;
+    * ``entropy_only``: the distance term held at its value at D = d_mean (1/2), so only e'_c varies;
+    * ``class_mean``: each pixel the mean Eq. 9 weight of its class over the source set (``class_means`` (C,)),
+      the map's class-level content without any pixel-level content.
+    """
+    if form not in CONTROL_FORMS:
+        raise ValueError(f"STM form must be one of {CONTROL_FORMS}, got '{form}'")
+    entropy = np.asarray(class_entropy_normalized, dtype=np.float64)  # (C,)
+    if form == "distance_only":
+        return transferability_weights(distances, labels, d_mean, np.zeros_like(entropy))
+    if form == "entropy_only":
+        return transferability_weights(np.full(np.shape(distances), d_mean), labels, d_mean, entropy)
+    if form == "class_mean":
+        if class_means is None:
+            raise ValueError("STM form 'class_mean' needs the class means of the Eq. 9 map")
+        means = np.asarray(class_means, dtype=np.float64)  # (C,)
+        ignore = labels == IGNORE_LABEL
+        return np.where(ignore, IGNORE_WEIGHT, means[np.where(ignore, 0, labels)]).astype(np.float32)
+    return transferability_weights(distances, labels, d_mean, entropy)
