@@ -8,6 +8,7 @@ everything is written to a temporary sibling first, then moved into place with
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import shutil
@@ -20,15 +21,34 @@ import numpy as np
 from PIL import Image
 
 
+def creation_mode(directory: bool = False) -> int:
+    """The mode ``open``/``mkdir`` would give under the current umask (0644 / 0755 under umask 022):
+    mkstemp and mkdtemp make 0600 / 0700, which would hide results from a group sharing them on a cluster."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return (0o777 if directory else 0o666) & ~umask
+
+
+def remove_stale_temporaries(target: Path) -> None:
+    """Remove ``.<name>.*.tmp`` siblings of ``target`` that a killed job left (a job never shares its output)."""
+    for stale in target.parent.glob(f".{glob.escape(target.name)}.*.tmp"):
+        if stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                stale.unlink()
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; move it into place on success."""
+    """Yield a temporary path next to ``path``; move it into place on success (with the umask's mode)."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(handle)
     try:
         yield Path(temporary)
+        os.chmod(temporary, creation_mode())
         os.replace(temporary, target)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -38,12 +58,15 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
 
 @contextlib.contextmanager
 def atomic_directory(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temporary folder next to ``path``; it replaces ``path`` on success."""
+    """Yield a temporary folder next to ``path``; it replaces ``path`` on success. Temporary folders a killed
+    job left for the same ``path`` are removed first."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(target)
     temporary = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
         yield temporary
+        os.chmod(temporary, creation_mode(directory=True))
         if target.exists():
             shutil.rmtree(target)
         os.replace(temporary, target)
