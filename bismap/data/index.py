@@ -1,7 +1,10 @@
 """Index a dataset once: list its pairs, check every file, count pixels per class.
 
 The manifest it writes is the only way later stages see a dataset, so a bad
-file is found here, named, before any training starts.
+file is found here, named, before any training starts. It records each file's
+size and modification time, and every stage that loads the manifest checks them
+(:meth:`bismap.data.samples.Manifest.load`): a file changed after indexing fails
+at once, named, instead of inside a training job that reaches it.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import numpy as np
 from bismap.progress import tqdm
 
 from bismap.data.formats import get_format
-from bismap.data.samples import DatasetError, Sample, check_same_size, image_size
+from bismap.data.samples import DatasetError, Sample, check_same_size, file_stat, image_size
 from bismap.io import write_json
 
 logger = logging.getLogger(__name__)
@@ -40,7 +43,8 @@ def index_dataset(format_name: str, root: str | Path, split: str, num_classes: i
         "labelled": sum(sample.label is not None for sample in samples),
         "pixels_per_class": pixels_per_class[:num_classes].tolist(),
         "ignored_pixels": int(pixels_per_class[num_classes]),
-        "samples": [{"name": s.name, "image": s.image, "label": s.label} for s in samples],
+        "samples": [{"name": s.name, "image": s.image, "label": s.label, "image_stat": file_stat(s.image),
+                     "label_stat": file_stat(s.label) if s.label else None} for s in samples],
     }
     write_json(output_path, manifest)
     logger.info("indexed %d images (%d labelled) under %s", len(samples), manifest["labelled"], root)
