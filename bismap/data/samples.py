@@ -31,6 +31,7 @@ class Sample:
     name: str
     image: str
     label: str | None
+    resize_label: bool = False  # the label has another size than the image: nearest-neighbour to it when read
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,8 @@ class Manifest:
         """The manifest at ``path``; with ``verify``, every file must still have the size and modification time
         it was indexed with (manifests of earlier releases carry none and are not checked)."""
         data = read_json(path)
-        samples = tuple(Sample(item["name"], item["image"], item["label"]) for item in data["samples"])
+        samples = tuple(Sample(item["name"], item["image"], item["label"], bool(item.get("resize_label", False)))
+                        for item in data["samples"])
         if verify:
             for item in data["samples"]:
                 for kind in ("image", "label"):
@@ -123,6 +125,15 @@ def check_train_ids(label: np.ndarray, num_classes: int, path: str | Path) -> np
             f"{IGNORE_INDEX}=ignore) in {path}"
         )
     return label
+
+
+LABEL_SIZE_POLICIES = ("error", "resize_label")
+
+
+def resize_label_nearest(label: np.ndarray, image_shape: tuple[int, ...]) -> np.ndarray:
+    """(h, w) train ids -> (H, W) of the image, nearest neighbour: no id is invented between two classes."""
+    height, width = image_shape[:2]
+    return np.array(Image.fromarray(label).resize((width, height), Image.Resampling.NEAREST))
 
 
 def check_same_size(image_shape: tuple[int, ...], label_shape: tuple[int, ...], sample: Sample) -> None:
