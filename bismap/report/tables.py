@@ -80,7 +80,8 @@ def write_summary(metrics_paths: Mapping[str, str | Path], class_names: list[str
     evaluated = next(iter(rows.values()))["evaluated_classes"]
     shown = [class_names[index] for index in evaluated]
     model_gains = gains(rows)
-    summary: dict[str, Any] = {model: {"miou": metrics["miou"], "per_class_iou": metrics["per_class_iou"],
+    summary: dict[str, Any] = {model: {"miou": metrics["miou"], "subset_miou": metrics.get("subset_miou", {}),
+                                       "per_class_iou": metrics["per_class_iou"],
                                        **model_gains[model], "components": dict((components or {}).get(model, {}))}
                                for model, metrics in rows.items()}
     text = "# Target-val results\n\n## Components (BiSMAP Table 4)\n\n"
