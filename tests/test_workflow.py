@@ -257,3 +257,14 @@ def test_editing_execution_settings_plans_no_job_and_leaves_resume_keys_alone(fi
     assert planned_jobs(result.stdout) == {}
     checkpoint = torch.load(seed_results(workdir / "results") / "checkpoints" / "warmup.pt", weights_only=False)
     assert not {"workers", "log_interval", "checkpoint_interval"} & set(checkpoint["settings"]["training"])
+
+
+def test_checkpoints_and_report_record_what_each_training_ran(finished_tiny_run):
+    results = seed_results(finished_tiny_run[0] / "results")
+    record = torch.load(results / "checkpoints" / "warmup.pt", weights_only=False)["provenance"]
+    assert (record["processes"], record["global_batch_size"], record["iterations"], record["amp"]) == (1, 4, 4, False)
+    assert record["device"].startswith("cpu") and record["learning_rate"] == 0.01
+    metrics = json.loads((results / "evaluation" / "selftrain_stm" / "metrics.json").read_text())
+    assert metrics["provenance"]["global_batch_size"] == 2 and metrics["provenance"]["iterations"] == 2
+    report = (results / "report" / "summary.md").read_text()
+    assert "## What each model ran" in report and "| warmup | 1 | 4 | 0.01 | 4 | False | cpu" in report

@@ -61,7 +61,7 @@ def evaluate_checkpoint(checkpoint_path: str | Path, manifest_path: str | Path, 
     evaluated = list(settings.evaluated_classes) if settings.evaluated_classes else None
     metrics = summarize(confusion, class_names, evaluated, settings.class_subsets)
     metrics.update(checkpoint=str(checkpoint_path), dataset=str(manifest_path), images=len(manifest.samples),
-                   confusion=confusion.tolist())
+                   confusion=confusion.tolist(), provenance=checkpoint.get("provenance"))
     logger.info("%s: mIoU %.2f over %d images", title, metrics["miou"], len(manifest.samples))
     shown = [class_names[index] for index in metrics["evaluated_classes"]]
     write_text(paths.metrics_markdown, markdown_table({title: metrics}, shown))

@@ -55,7 +55,9 @@ def input_signature(*inputs: Any) -> list[list[Any]]:
 
 
 def save_checkpoint(path: str | Path, model: torch.nn.Module, model_settings: ModelSettings,
-                    class_names: list[str], step: int, settings: dict[str, Any]) -> None:
+                    class_names: list[str], step: int, settings: dict[str, Any],
+                    provenance: dict[str, Any] | None = None) -> None:
+    """The model, its settings and what the run actually ran (``provenance``: bismap.provenance.run_provenance)."""
     checkpoint = {
         "model": _unwrap(model).state_dict(),
         "model_settings": to_dict(model_settings),
@@ -63,6 +65,7 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, model_settings: Mo
         "step": step,
         "settings": settings,
         "code_version": CODE_VERSION,
+        "provenance": provenance,
     }
     with atomic_path(path) as temporary:
         torch.save(checkpoint, temporary)
