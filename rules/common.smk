@@ -689,8 +689,20 @@ def seed_outputs(seed):
     return outputs
 
 
+def predict_outputs(seed):
+    """predict/<model>/ of each predict.models row when predict.input names a folder of images."""
+    settings = config.get("predict", {})
+    if not settings.get("input"):
+        return []
+    unknown = [model for model in settings.get("models", []) if model not in evaluated_models()]
+    if unknown:
+        raise WorkflowError(f"predict.models: {unknown} are not report rows; known: {evaluated_models()}")
+    return [run_path("predict", model, seed=seed) for model in settings.get("models", [])]
+
+
 def final_outputs():
-    return [results("report", "summary.md")] + [path for seed in seeds() for path in seed_outputs(seed)]
+    return [results("report", "summary.md")] + [path for seed in seeds() for path in seed_outputs(seed)] + \
+        [path for seed in seeds() for path in predict_outputs(seed)]
 
 
 onsuccess:
