@@ -18,6 +18,7 @@ include: "rules/stm.smk"
 include: "rules/selftrain.smk"
 include: "rules/distill.smk"
 include: "rules/evaluate.smk"
+include: "rules/predict.smk"
 
 
 rule all:

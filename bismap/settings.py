@@ -139,3 +139,54 @@ def resolve_run_relative(settings: Any, iterations: int, section: str = "setting
     if isinstance(settings, dict):
         return {key: resolve_run_relative(value, iterations, f"{section}.{key}") for key, value in settings.items()}
     return settings
+
+
+# How a job runs, never what it computes: split off every rule's settings (rules/common.smk).
+EXECUTION_KEYS = ("workers", "log_interval", "checkpoint_interval")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExecutionSettings:
+    """A rule's execution settings (DataLoader workers, log and checkpoint intervals, an evaluation's batch size).
+
+    Rules pass them as a param of this type: Snakemake's params rerun trigger compares builtin values only, so
+    editing one plans no job; and resume fingerprints hash the other params only, so it keeps resume progress.
+    ``values`` has the nesting of the settings it was split from.
+    """
+
+    values: dict[str, Any]
+
+
+def split_execution(settings: dict[str, Any], keys: tuple[str, ...] = EXECUTION_KEYS
+                    ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the settings without ``keys`` at any depth, those keys with their nesting)."""
+    result: dict[str, Any] = {}
+    execution: dict[str, Any] = {}
+    for key, value in settings.items():
+        if key in keys:
+            execution[key] = value
+        elif isinstance(value, dict):
+            result[key], nested = split_execution(value, keys)
+            if nested:
+                execution[key] = nested
+        else:
+            result[key] = value
+    return result, execution
+
+
+def with_execution(settings: dict[str, Any], execution: ExecutionSettings | None) -> dict[str, Any]:
+    """``settings`` with the execution settings split off them put back (the dict a stage's dataclass reads)."""
+    if execution is None:
+        return dict(settings)
+    return _put_back(dict(settings), execution.values)
+
+
+def _put_back(settings: dict[str, Any], execution: dict[str, Any]) -> dict[str, Any]:
+    for key, value in execution.items():
+        settings[key] = _put_back(dict(settings.get(key, {})), value) if isinstance(value, dict) else value
+    return settings
+
+
+def job_settings(params: Any, name: str = "settings") -> dict[str, Any]:
+    """A rule's settings param (``name``) with its ``execution`` param merged back in."""
+    return with_execution(getattr(params, name), params.get("execution", None))

@@ -9,7 +9,8 @@ from snakemake.utils import validate
 
 import bismap
 from bismap.runtime import local_cuda_devices
-from bismap.settings import merged, resolve_run_relative, with_run_seed  # run seed -> every stage's seeds (digit-scenes splits: stride 1000)
+from bismap.settings import (EXECUTION_KEYS, ExecutionSettings, merged, resolve_run_relative, split_execution,
+                             with_run_seed)  # with_run_seed: run seed -> every stage's seeds (digit-scenes splits: stride 1000)
 
 validate(config, schema="../config/schema.yaml")
 
@@ -688,8 +689,20 @@ def seed_outputs(seed):
     return outputs
 
 
+def predict_outputs(seed):
+    """predict/<model>/ of each predict.models row when predict.input names a folder of images."""
+    settings = config.get("predict", {})
+    if not settings.get("input"):
+        return []
+    unknown = [model for model in settings.get("models", []) if model not in evaluated_models()]
+    if unknown:
+        raise WorkflowError(f"predict.models: {unknown} are not report rows; known: {evaluated_models()}")
+    return [run_path("predict", model, seed=seed) for model in settings.get("models", [])]
+
+
 def final_outputs():
-    return [results("report", "summary.md")] + [path for seed in seeds() for path in seed_outputs(seed)]
+    return [results("report", "summary.md")] + [path for seed in seeds() for path in seed_outputs(seed)] + \
+        [path for seed in seeds() for path in predict_outputs(seed)]
 
 
 onsuccess:
@@ -711,3 +724,30 @@ onsuccess:
 
 # The {variant} wildcard of the self-training rules: the configured names only (variant_name_pattern).
 VARIANT_NAMES = variant_name_pattern()
+
+
+# Execution settings (bismap.settings.ExecutionSettings): a rule's settings param leaves them out, its
+# execution param carries them, so editing one reruns nothing and keeps resume progress.
+def result_part(settings, keys=EXECUTION_KEYS):
+    """The settings (a dict, or a function of the wildcards) without their execution keys: the rerun trigger."""
+    if callable(settings):
+        return lambda wildcards: split_execution(settings(wildcards), keys)[0]
+    return split_execution(settings, keys)[0]
+
+
+def execution_part(settings, keys=EXECUTION_KEYS):
+    """The execution keys of the settings, as an ExecutionSettings param (not compared by Snakemake)."""
+    if callable(settings):
+        return lambda wildcards: ExecutionSettings(split_execution(settings(wildcards), keys)[1])
+    return ExecutionSettings(split_execution(settings, keys)[1])
+
+
+EVALUATE_EXECUTION_KEYS = EXECUTION_KEYS + ("batch_size",)  # inference: the same metrics at any batch size
+
+
+def warmup_training(wildcards):
+    return with_run_seed(config["warmup"], wildcards.seed)
+
+
+def oracle_training(wildcards):
+    return with_run_seed(config.get("oracle", {}).get("training", config["warmup"]), wildcards.seed)

@@ -34,6 +34,7 @@ rule index_dataset:
         num_classes=len(config["classes"]),
         # target-train labels are optional: the unlabelled target may have none
         require_labels=lambda wildcards: wildcards.domain != "target_train" or oracle_enabled(),
+        label_size_mismatch=lambda wildcards: domain_settings(wildcards.domain).get("label_size_mismatch", "error"),
         code_version=CODE_VERSION,
     wildcard_constraints:
         domain="|".join(DOMAINS),

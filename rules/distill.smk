@@ -16,6 +16,7 @@ use rule pseudo_labels as teacher_pseudo_labels with:
         statistics=run_path("pseudo_labels", "teacher", "shard_{shard}.json"),
     params:
         settings=teacher_label_settings(),
+        execution=None,  # the parent rule's execution param is a function of its {labels}
         shard_index=lambda wildcards: int(wildcards.shard),
         shard_count=len(maps_shards()),
         code_version=CODE_VERSION,
@@ -41,7 +42,8 @@ rule distill:
         checkpoint=run_path("checkpoints", "distill.pt"),
         loss_log=run_path("training", "distill_loss.tsv"),
     params:
-        settings=distill_run_settings,
+        settings=result_part(distill_run_settings),
+        execution=execution_part(distill_run_settings),
         model=config["model"],
         state=run_path(".state", "distill.pt"),
         code_version=CODE_VERSION,

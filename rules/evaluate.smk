@@ -10,7 +10,8 @@ rule evaluate:
         markdown=run_path("evaluation", "{model}", "metrics.md"),
         confusion=run_path("evaluation", "{model}", "confusion.png"),
     params:
-        settings=config["evaluate"],
+        settings=result_part(config["evaluate"], EVALUATE_EXECUTION_KEYS),
+        execution=execution_part(config["evaluate"], EVALUATE_EXECUTION_KEYS),
         code_version=CODE_VERSION,
     wildcard_constraints:
         model="[a-z][a-z0-9_]*",

@@ -20,7 +20,8 @@ rule extract_source_features:
     output:
         features=run_path("maps", "source_features.h5"),
     params:
-        settings=lambda wildcards: with_run_seed(maps_settings()["features"], wildcards.seed),
+        settings=result_part(lambda wildcards: with_run_seed(maps_settings()["features"], wildcards.seed)),
+        execution=execution_part(lambda wildcards: with_run_seed(maps_settings()["features"], wildcards.seed)),
         code_version=CODE_VERSION,
     threads: config["threads"]["evaluate"]
     resources:
@@ -97,7 +98,8 @@ rule pseudo_labels:
         labels=directory(run_path("pseudo_labels", "{labels}", "shard_{shard}")),
         statistics=run_path("pseudo_labels", "{labels}", "shard_{shard}.json"),
     params:
-        settings=lambda wildcards: pseudo_label_settings(wildcards.labels),
+        settings=result_part(lambda wildcards: pseudo_label_settings(wildcards.labels)),
+        execution=execution_part(lambda wildcards: pseudo_label_settings(wildcards.labels)),
         shard_index=lambda wildcards: int(wildcards.shard),
         shard_count=len(maps_shards()),
         code_version=CODE_VERSION,
@@ -150,7 +152,8 @@ rule pseudo_label_report:
         json=run_path("pseudo_label_report", "table.json"),
         plot=run_path("pseudo_label_report", "accuracy_vs_coverage.png"),
     params:
-        settings={key: value for key, value in pseudo_label_report_settings().items() if key != "enabled"},
+        settings=result_part({key: value for key, value in pseudo_label_report_settings().items() if key != "enabled"}),
+        execution=execution_part({key: value for key, value in pseudo_label_report_settings().items() if key != "enabled"}),
         code_version=CODE_VERSION,
     threads: config["threads"]["evaluate"]
     resources:

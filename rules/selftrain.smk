@@ -24,7 +24,8 @@ rule selftrain:
         loss_log=run_path("training", "selftrain_{variant}_loss.tsv"),
     params:
         method=lambda wildcards: selftrain_variant(wildcards.variant)["method"],
-        settings=selftrain_run_settings,
+        settings=result_part(selftrain_run_settings),
+        execution=execution_part(selftrain_run_settings),
         model=config["model"],
         state=run_path(".state", "selftrain_{variant}.pt"),
         code_version=CODE_VERSION,
@@ -50,7 +51,8 @@ use rule selftrain as selftrain_round with:
         loss_log=run_path("training", "selftrain_{variant}_round_{round}_loss.tsv"),
     params:
         method=lambda wildcards: selftrain_variant(wildcards.variant)["method"],
-        settings=selftrain_run_settings,
+        settings=result_part(selftrain_run_settings),
+        execution=execution_part(selftrain_run_settings),
         model=config["model"],
         state=run_path(".state", "selftrain_{variant}_round_{round}.pt"),
         code_version=CODE_VERSION,
@@ -73,6 +75,7 @@ use rule pseudo_labels as round_pseudo_labels with:
         statistics=run_path("pseudo_labels", "rounds", "{variant}_round_{round}", "shard_{shard}.json"),
     params:
         settings=round_label_settings(),
+        execution=None,  # the parent rule's execution param is a function of its {labels}
         shard_index=lambda wildcards: int(wildcards.shard),
         shard_count=len(maps_shards()),
         code_version=CODE_VERSION,
@@ -152,6 +155,7 @@ use rule pseudo_labels as stage_anchor_labels with:
         statistics=run_path("pseudo_labels", "cag_rounds", "{variant}_round_{round}", "shard_{shard}.json"),
     params:
         settings=lambda wildcards: {"strategy": "cas", "margin": cag_margin(wildcards.variant)},
+        execution=None,  # the parent rule's execution param is a function of its {labels}
         shard_index=lambda wildcards: int(wildcards.shard),
         shard_count=len(maps_shards()),
         code_version=CODE_VERSION,
@@ -176,6 +180,7 @@ use rule pseudo_labels as variant_anchor_labels with:
         statistics=run_path("pseudo_labels", "cas_variants", "{variant}", "shard_{shard}.json"),
     params:
         settings=lambda wildcards: {"strategy": "cas", "margin": cag_margin(wildcards.variant)},
+        execution=None,  # the parent rule's execution param is a function of its {labels}
         shard_index=lambda wildcards: int(wildcards.shard),
         shard_count=len(maps_shards()),
         code_version=CODE_VERSION,

@@ -21,7 +21,8 @@ rule extract_target_embeddings:
         embeddings=run_path("stm", "target_embeddings.h5"),
     params:
         network=stm_network_settings(),
-        settings=stm_target_embedding_settings,
+        settings=result_part(stm_target_embedding_settings),
+        execution=execution_part(stm_target_embedding_settings),
         code_version=CODE_VERSION,
     threads: config["threads"]["evaluate"]
     resources:
@@ -65,7 +66,8 @@ rule class_entropy:
     output:
         entropy=run_path("stm", "class_entropy.json"),
     params:
-        settings=stm_class_entropy_settings(),
+        settings=result_part(stm_class_entropy_settings()),
+        execution=execution_part(stm_class_entropy_settings()),
         code_version=CODE_VERSION,
     threads: config["threads"]["evaluate"]
     resources:
@@ -91,7 +93,8 @@ rule source_distance_statistics:
         statistics=run_path("stm", "distances", "shard_{shard}.json"),
     params:
         network=stm_network_settings(),
-        settings=stm_transferability_settings(),
+        settings=result_part(stm_transferability_settings()),
+        execution=execution_part(stm_transferability_settings()),
         shard_index=lambda wildcards: int(wildcards.shard),
         shard_count=len(stm_shards()),
         code_version=CODE_VERSION,
@@ -124,7 +127,8 @@ rule source_transferability:
         statistics=run_path("stm", "weights", "shard_{shard}.json"),
     params:
         network=stm_network_settings(),
-        settings=stm_transferability_settings(),
+        settings=result_part(stm_transferability_settings()),
+        execution=execution_part(stm_transferability_settings()),
         shard_index=lambda wildcards: int(wildcards.shard),
         shard_count=len(stm_shards()),
         class_names=config["classes"],
@@ -184,7 +188,8 @@ use rule source_transferability as stm_control_weights with:
         statistics=run_path("stm", "controls", "{form}", "shard_{shard}.json"),
     params:
         network=stm_network_settings(),
-        settings=lambda wildcards: {**stm_transferability_settings(), "form": wildcards.form},
+        settings=result_part(lambda wildcards: {**stm_transferability_settings(), "form": wildcards.form}),
+        execution=execution_part(lambda wildcards: {**stm_transferability_settings(), "form": wildcards.form}),
         shard_index=lambda wildcards: int(wildcards.shard),
         shard_count=len(stm_shards()),
         class_names=config["classes"],

@@ -17,7 +17,8 @@ rule warmup:
         checkpoint=run_path("checkpoints", "warmup.pt"),
         loss_log=run_path("training", "warmup_loss.tsv"),
     params:
-        training=lambda wildcards: with_run_seed(config["warmup"], wildcards.seed),
+        training=result_part(warmup_training),
+        execution=execution_part(warmup_training),
         model=config["model"],
         class_names=config["classes"],
         state=run_path(".state", "warmup.pt"),
@@ -45,8 +46,8 @@ use rule warmup as oracle with:
         checkpoint=run_path("checkpoints", "oracle.pt"),
         loss_log=run_path("training", "oracle_loss.tsv"),
     params:
-        training=lambda wildcards: with_run_seed(config.get("oracle", {}).get("training", config["warmup"]),
-                                                 wildcards.seed),
+        training=result_part(oracle_training),
+        execution=execution_part(oracle_training),
         model=config["model"],
         class_names=config["classes"],
         state=run_path(".state", "oracle.pt"),

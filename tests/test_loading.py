@@ -104,3 +104,22 @@ def test_sampler_resumes_exactly_and_covers_each_epoch():
     assert sorted(first_epoch) == list(range(10))
     seeds = [seed for batch in full for _, seed in batch]
     assert len(set(seeds)) == len(seeds)
+
+
+def test_a_file_changed_after_indexing_fails_where_the_manifest_is_loaded(tmp_path):
+    from bismap.data.digit_scenes import DigitScenesSettings, generate_split
+    from bismap.data.index import index_dataset
+    from bismap.data.samples import DatasetError, Manifest
+
+    settings = DigitScenesSettings(image_size=32, digit_size=(12, 16), digits_per_image=(1, 1))
+    generate_split(tmp_path / "source", "source", count=3, seed=1, settings=settings)
+    index_dataset("digit_scenes", tmp_path / "source", "", 11, True, tmp_path / "source.json")
+    manifest = Manifest.load(tmp_path / "source.json")  # unchanged: loads
+    image = Path(manifest.samples[1].image)
+    image.write_bytes(image.read_bytes()[:40])  # truncated after indexing
+    with pytest.raises(DatasetError, match=rf"{image.name} changed after it was indexed in .*source.json"):
+        Manifest.load(tmp_path / "source.json")
+    assert len(Manifest.load(tmp_path / "source.json", verify=False).samples) == 3
+    image.unlink()
+    with pytest.raises(DatasetError, match=rf"{image.name} was indexed in .* but is missing now"):
+        Manifest.load(tmp_path / "source.json")

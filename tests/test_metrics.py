@@ -57,3 +57,17 @@ def test_markdown_table_has_one_row_per_model_with_rounded_values():
     metrics = {"miou": 41.26, "per_class_iou": {"a": 50.0, "b": None}}
     text = markdown_table({"warmup": metrics}, ["a", "b"])
     assert text.splitlines()[2] == "| warmup | 50.0 | - | 41.3 |"
+
+
+def test_synthia_mious_16_and_13_come_from_the_same_confusion_matrix():
+    from bismap.data.real_datasets import SYNTHIA_13_CLASSES, SYNTHIA_16_CLASSES
+
+    confusion = np.diag(np.arange(1, 20) * 10).astype(np.int64)  # (19, 19): every class perfect, IoU 100 ...
+    confusion[3, 4] = confusion[3, 3]  # ... except wall: half its pixels called fence: wall 50, fence 10/(10+40)=...
+    names = [str(index) for index in range(19)]
+    metrics = summarize(confusion, names, list(SYNTHIA_16_CLASSES), {"mIoU-13": list(SYNTHIA_13_CLASSES)})
+    iou = intersection_over_union(confusion) * 100
+    assert metrics["miou"] == np.mean(iou[list(SYNTHIA_16_CLASSES)]) and metrics["miou"] < 100
+    assert metrics["subset_miou"] == {"mIoU-13": 100.0}  # wall and fence are not among the 13
+    table = markdown_table({"model": metrics}, [names[index] for index in SYNTHIA_16_CLASSES])
+    assert table.splitlines()[0].endswith("| mIoU | mIoU-13 |") and table.splitlines()[2].endswith("| 100.0 |")

@@ -235,3 +235,23 @@ def test_size_mismatch_is_detectable(tmp_path: Path) -> None:
     width, height = image_size(second.image)
     with pytest.raises(DatasetError, match=r"30x16.*32x16"):
         check_same_size((height, width), read_label_ids(Path(second.label), NUM_CLASSES).shape, second)
+
+
+def test_gta5_labels_of_another_size_fail_the_index_or_are_resized_to_their_image(tmp_path: Path) -> None:
+    """The real GTA5 release has pairs whose label size differs from the image: the default fails naming the pair;
+    label_size_mismatch resize_label resizes the label by nearest neighbour (no new ids) and counts the pairs."""
+    from bismap.data.index import index_dataset
+    from bismap.data.loading import Manifest, SegmentationDataset
+
+    root = make_gta5(tmp_path / "gta5", count=2)  # 32x16 images
+    small = label_ids_8bit(1, size=(16, 8))  # (8, 16) labelIds: half the size
+    write_palette_label(root / "labels" / "00002.png", small)
+    with pytest.raises(DatasetError, match=r"00002.png is 16x8 but image .*00002.png is 32x16"):
+        index_dataset("gta5", root, "", NUM_CLASSES, True, tmp_path / "strict.json")
+    manifest = index_dataset("gta5", root, "", NUM_CLASSES, True, tmp_path / "gta5.json",
+                             label_size_mismatch="resize_label")
+    assert manifest["labels_resized"] == 1 and [item["resize_label"] for item in manifest["samples"]] == [False, True]
+    label = SegmentationDataset(Manifest.load(tmp_path / "gta5.json"))[1]["label"].numpy()  # (16, 32)
+    expected = np.repeat(np.repeat(expected_cityscapes(small), 2, axis=0), 2, axis=1)  # nearest, exact 2x
+    assert label.shape == (16, 32) and np.array_equal(label, expected)
+    assert sum(manifest["pixels_per_class"]) + manifest["ignored_pixels"] == 2 * 16 * 32

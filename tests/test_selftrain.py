@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from bismap.data.digit_scenes import DigitScenesSettings, generate_split
 from bismap.data.index import index_dataset
@@ -108,6 +111,31 @@ def test_resume_after_interruption_matches_uninterrupted_run(data, tmp_path, mon
     assert all(torch.equal(reference[key], resumed[key]) for key in reference)
     assert [row["iteration"] for row in rows] == [1, 2, 3, 4]
     assert not (tmp_path / "resumed" / "state.pt").exists()
+
+
+def test_a_resume_state_is_not_used_once_an_input_was_rebuilt(data, tmp_path, monkeypatch, caplog):
+    """The issue's stale resume: killed after the state of iteration 2, an input rebuilt (here one pseudo-label
+    PNG, as a new warmup rebuilds them all), then rerun: it must train from the start on the new input."""
+    labels = [tmp_path / "labels" / folder.name for folder in data["labels"]]
+    for source, copy in zip(data["labels"], labels):
+        shutil.copytree(source, copy)
+    settings = SelfTrainSettings(training=TRAINING)
+    run = lambda name: self_train(inputs(data, labels=labels),  # noqa: E731
+                                  RunPaths(tmp_path / name / "model.pt", tmp_path / name / "loss.tsv",
+                                           tmp_path / name / "state.pt"), settings, torch.device("cpu"), run_settings={})
+    original = SelfTrainStep.__call__
+    monkeypatch.setattr(SelfTrainStep, "__call__", dies_on_call(original, 4))
+    with pytest.raises(KeyboardInterrupt):
+        run("resumed")
+    monkeypatch.setattr(SelfTrainStep, "__call__", original)
+    rebuilt = sorted(labels[0].glob("*.png"))[0]
+    write_png(rebuilt, np.full(np.array(Image.open(rebuilt)).shape, 255, dtype=np.uint8))  # new content and time
+    with caplog.at_level(logging.INFO, logger="bismap.training.checkpoint"):
+        run("resumed")
+    assert "ignoring resume state" in caplog.text and "resuming" not in caplog.text
+    run("clean")
+    resumed, clean = (load_model(tmp_path / name / "model.pt")[0].state_dict() for name in ("resumed", "clean"))
+    assert all(torch.equal(clean[key], resumed[key]) for key in clean)
 
 
 def test_missing_pseudo_label_names_the_image(data, tmp_path):

@@ -77,3 +77,20 @@ def test_integer_settings_take_integral_floats_and_refuse_the_rest_naming_the_ke
     for bad in (5.5, "5", True):
         with pytest.raises(SettingsError, match=r"warmup.iterations: expected an integer, got"):
             from_dict(TrainSettings, {"iterations": bad}, "warmup")
+
+
+def test_execution_settings_split_off_at_any_depth_and_merge_back():
+    from types import SimpleNamespace
+
+    from bismap.settings import ExecutionSettings, job_settings, split_execution, with_execution
+
+    settings = {"training": {"iterations": 10, "workers": 2, "log_interval": 5, "optimizer": {"lr": 0.1}},
+                "workers": 1, "batch_size": 8}
+    result, execution = split_execution(settings)
+    assert result == {"training": {"iterations": 10, "optimizer": {"lr": 0.1}}, "batch_size": 8}
+    assert execution == {"training": {"workers": 2, "log_interval": 5}, "workers": 1}
+    assert with_execution(result, ExecutionSettings(execution)) == settings
+    assert split_execution(settings, ("batch_size",))[1] == {"batch_size": 8}
+    params = SimpleNamespace(settings=result, get=lambda name, default: {"execution": ExecutionSettings(execution)}
+                             .get(name, default))
+    assert job_settings(params) == settings

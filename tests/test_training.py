@@ -85,3 +85,19 @@ def test_loss_decreases_on_a_fixed_batch_order(manifest, tmp_path):
     run(manifest, tmp_path / "learn", iterations=12)
     losses = [float(row.split("\t")[1]) for row in (tmp_path / "learn" / "loss.tsv").read_text().splitlines()[1:]]
     assert sum(losses[-3:]) / 3 < 0.7 * sum(losses[:3]) / 3
+
+
+def test_a_checkpoint_records_what_the_run_ran(tmp_path):
+    import bismap
+    from bismap.provenance import project_commit, provenance_table, run_provenance
+
+    record = run_provenance(16, 0.01, 2000, 2, False, torch.device("cpu"))
+    assert {key: record[key] for key in ("global_batch_size", "batch_per_process", "processes", "learning_rate",
+                                         "iterations", "amp")} == {"global_batch_size": 16, "batch_per_process": 8,
+                                                                   "processes": 2, "learning_rate": 0.01,
+                                                                   "iterations": 2000, "amp": False}
+    assert record["torch"] == torch.__version__ and record["bismap"] == bismap.CODE_VERSION
+    assert record["commit"] is None or len(record["commit"].removesuffix("+dirty")) == 40
+    assert project_commit(tmp_path) is None  # not a checkout
+    table = provenance_table({"warmup": record, "oracle": None})
+    assert "| warmup | 2 | 16 | 0.01 | 2000 | False |" in table and table.splitlines()[-1].startswith("| oracle | - |")

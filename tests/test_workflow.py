@@ -7,6 +7,7 @@ import re
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from PIL import Image
 
@@ -240,3 +241,30 @@ def test_planning_raises_no_input_function_error_even_in_strict_mode(finished_ti
     workdir, configfile = finished_tiny_run
     result = run_snakemake(workdir, configfile, "-n", "--forceall", "--strict-dag-evaluation", "functions")
     assert "Exception" not in result.stdout + result.stderr and "Error" not in result.stdout + result.stderr
+
+
+def test_editing_execution_settings_plans_no_job_and_leaves_resume_keys_alone(finished_tiny_run, tmp_path):
+    """Workers, log and checkpoint intervals and an evaluation's batch size change how a job runs, not what it
+    computes: they are not in any rule's compared params, nor in the settings a resume state is keyed on."""
+    workdir, configfile = finished_tiny_run
+    config = yaml.safe_load(configfile.read_text())
+    config["warmup"].update(workers=1, log_interval=1, checkpoint_interval=3)
+    config["selftrain"]["training"].update(workers=1, log_interval=1, checkpoint_interval=2)
+    config["stm"]["workers"] = 1
+    config["maps"]["pseudo_labels"]["workers"] = 1
+    config["evaluate"].update(batch_size=5, workers=1)
+    result = run_snakemake(workdir, write_config(tmp_path / "execution.yaml", config), "-n")
+    assert planned_jobs(result.stdout) == {}
+    checkpoint = torch.load(seed_results(workdir / "results") / "checkpoints" / "warmup.pt", weights_only=False)
+    assert not {"workers", "log_interval", "checkpoint_interval"} & set(checkpoint["settings"]["training"])
+
+
+def test_checkpoints_and_report_record_what_each_training_ran(finished_tiny_run):
+    results = seed_results(finished_tiny_run[0] / "results")
+    record = torch.load(results / "checkpoints" / "warmup.pt", weights_only=False)["provenance"]
+    assert (record["processes"], record["global_batch_size"], record["iterations"], record["amp"]) == (1, 4, 4, False)
+    assert record["device"].startswith("cpu") and record["learning_rate"] == 0.01
+    metrics = json.loads((results / "evaluation" / "selftrain_stm" / "metrics.json").read_text())
+    assert metrics["provenance"]["global_batch_size"] == 2 and metrics["provenance"]["iterations"] == 2
+    report = (results / "report" / "summary.md").read_text()
+    assert "## What each model ran" in report and "| warmup | 1 | 4 | 0.01 | 4 | False | cpu" in report

@@ -2,7 +2,7 @@
 
 from bismap.devices import acquire_devices
 from bismap.runtime import rule_context
-from bismap.settings import from_dict
+from bismap.settings import from_dict, job_settings
 from bismap.stm.target import ClassEntropySettings, class_entropy
 
 with rule_context(snakemake.log[0], snakemake.threads):
@@ -11,6 +11,6 @@ with rule_context(snakemake.log[0], snakemake.threads):
             checkpoint_path=snakemake.input.checkpoint,
             manifest_path=snakemake.input.manifest,
             output_path=snakemake.output.entropy,
-            settings=from_dict(ClassEntropySettings, snakemake.params.settings, "stm (class entropy)"),
+            settings=from_dict(ClassEntropySettings, job_settings(snakemake.params), "stm (class entropy)"),
             device=device,
         )

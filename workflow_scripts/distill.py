@@ -4,7 +4,7 @@ from pathlib import Path
 
 from bismap.devices import acquire_devices
 from bismap.runtime import optional_input, rule_context
-from bismap.settings import from_dict
+from bismap.settings import from_dict, job_settings
 from bismap.training.distill import DistillInputs, DistillSettings, distill
 from bismap.training.supervised import RunPaths
 
@@ -27,7 +27,7 @@ with rule_context(snakemake.log[0], snakemake.threads):
         distill(
             inputs=inputs,
             paths=paths,
-            settings=from_dict(DistillSettings, snakemake.params.settings, "distill"),
+            settings=from_dict(DistillSettings, job_settings(snakemake.params), "distill"),
             device=device,
             world_size=max(1, gpus),
             run_settings={"distill": snakemake.params.settings, "model": snakemake.params.model},

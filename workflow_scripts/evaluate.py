@@ -5,7 +5,7 @@ from pathlib import Path
 from bismap.devices import acquire_devices
 from bismap.evaluation.evaluate import EvaluateSettings, EvaluationPaths, evaluate_checkpoint
 from bismap.runtime import rule_context
-from bismap.settings import from_dict
+from bismap.settings import from_dict, job_settings
 
 with rule_context(snakemake.log[0], snakemake.threads):
     paths = EvaluationPaths(
@@ -18,7 +18,7 @@ with rule_context(snakemake.log[0], snakemake.threads):
             checkpoint_path=snakemake.input.checkpoint,
             manifest_path=snakemake.input.manifest,
             paths=paths,
-            settings=from_dict(EvaluateSettings, snakemake.params.settings, "evaluate"),
+            settings=from_dict(EvaluateSettings, job_settings(snakemake.params), "evaluate"),
             device=device,
             title=snakemake.wildcards.model,
         )

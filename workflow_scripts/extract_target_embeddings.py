@@ -2,7 +2,7 @@
 
 from bismap.devices import acquire_devices
 from bismap.runtime import rule_context
-from bismap.settings import from_dict
+from bismap.settings import from_dict, job_settings
 from bismap.stm.embeddings import EmbeddingNetworkSettings, build_embedding_network
 from bismap.stm.target import TargetEmbeddingSettings, extract_target_embeddings
 
@@ -18,6 +18,6 @@ with rule_context(snakemake.log[0], snakemake.threads):
             network=network,
             manifest_path=snakemake.input.manifest,
             output_path=snakemake.output.embeddings,
-            settings=from_dict(TargetEmbeddingSettings, snakemake.params.settings, "stm (target embeddings)"),
+            settings=from_dict(TargetEmbeddingSettings, job_settings(snakemake.params), "stm (target embeddings)"),
             device=device,
         )

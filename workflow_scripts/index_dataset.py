@@ -10,5 +10,6 @@ with rule_context(snakemake.log[0], snakemake.threads):
         split=snakemake.params.split,
         num_classes=snakemake.params.num_classes,
         require_labels=snakemake.params.require_labels,
+        label_size_mismatch=snakemake.params.label_size_mismatch,
         output_path=snakemake.output[0],
     )

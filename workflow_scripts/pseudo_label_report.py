@@ -5,7 +5,7 @@ from pathlib import Path
 from bismap.devices import acquire_devices
 from bismap.labels.quality import ReportPaths, ReportSettings, pseudo_label_report
 from bismap.runtime import rule_context
-from bismap.settings import from_dict
+from bismap.settings import from_dict, job_settings
 
 with rule_context(snakemake.log[0], snakemake.threads):
     paths = ReportPaths(markdown=Path(snakemake.output.markdown), json=Path(snakemake.output.json),
@@ -16,6 +16,6 @@ with rule_context(snakemake.log[0], snakemake.threads):
             manifest_path=snakemake.input.manifest,
             prototypes_path=snakemake.input.get("prototypes"),  # when maps or cas is compared
             paths=paths,
-            settings=from_dict(ReportSettings, snakemake.params.settings, "pseudo_label_report"),
+            settings=from_dict(ReportSettings, job_settings(snakemake.params), "pseudo_label_report"),
             device=device,
         )

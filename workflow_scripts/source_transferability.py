@@ -5,7 +5,7 @@ Sec. 3.4, Eqs. 7 and 9."""
 from bismap.devices import acquire_devices
 from bismap.io import atomic_directory
 from bismap.runtime import rule_context
-from bismap.settings import from_dict
+from bismap.settings import from_dict, job_settings
 from bismap.stm.embeddings import EmbeddingNetworkSettings, build_embedding_network
 from bismap.stm.source import (TransferabilitySettings, class_mean_weights, merge_transferability,
                                source_distance_statistics, write_weight_maps)
@@ -25,7 +25,7 @@ with rule_context(snakemake.log[0], snakemake.threads):
         )
     else:
         set_faiss_threads(snakemake.threads)
-        settings = from_dict(TransferabilitySettings, snakemake.params.settings, "stm (transferability)")
+        settings = from_dict(TransferabilitySettings, job_settings(snakemake.params), "stm (transferability)")
         with acquire_devices(snakemake.resources.get("gpu", 0)) as device:
             network = build_embedding_network(
                 embedding_checkpoint=snakemake.input.get("embedding_checkpoint"),

@@ -5,7 +5,7 @@ from pathlib import Path
 from bismap.devices import acquire_devices
 from bismap.models import ModelSettings
 from bismap.runtime import rule_context
-from bismap.settings import from_dict
+from bismap.settings import from_dict, job_settings
 from bismap.training.supervised import RunPaths, TrainSettings, train_supervised
 
 with rule_context(snakemake.log[0], snakemake.threads):
@@ -20,7 +20,7 @@ with rule_context(snakemake.log[0], snakemake.threads):
         train_supervised(
             manifest_path=snakemake.input.manifest,
             paths=paths,
-            settings=from_dict(TrainSettings, snakemake.params.training, snakemake.rule),
+            settings=from_dict(TrainSettings, job_settings(snakemake.params, "training"), snakemake.rule),
             model_settings=from_dict(ModelSettings, snakemake.params.model, "model"),
             class_names=snakemake.params.class_names,
             device=device,

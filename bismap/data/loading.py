@@ -28,6 +28,7 @@ from bismap.data.samples import (  # noqa: F401 (Manifest re-exported)
     check_same_size,
     open_image,
     read_train_id_label,
+    resize_label_nearest,
 )
 from bismap.stm.weights import read_weight_map
 
@@ -177,7 +178,9 @@ class SegmentationDataset(Dataset):
         elif not self.labelled or sample.label is None:
             return np.full(image_shape[:2], IGNORE_INDEX, dtype=np.uint8)
         else:
-            label = self.read_label(Path(sample.label), self.manifest.num_classes)  # (H, W) uint8
+            label = self.read_label(Path(sample.label), self.manifest.num_classes)  # (h, w) uint8
+            if sample.resize_label:  # indexed under label_size_mismatch: resize_label
+                label = resize_label_nearest(label, image_shape)  # (H, W)
         check_same_size(image_shape, label.shape, sample)
         return label
 

@@ -8,6 +8,7 @@ writes, never by listing folders again.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +31,7 @@ class Sample:
     name: str
     image: str
     label: str | None
+    resize_label: bool = False  # the label has another size than the image: nearest-neighbour to it when read
 
 
 @dataclass(frozen=True)
@@ -47,10 +49,36 @@ class Manifest:
     samples: tuple[Sample, ...]
 
     @classmethod
-    def load(cls, path: str | Path) -> Manifest:
+    def load(cls, path: str | Path, verify: bool = True) -> Manifest:
+        """The manifest at ``path``; with ``verify``, every file must still have the size and modification time
+        it was indexed with (manifests of earlier releases carry none and are not checked)."""
         data = read_json(path)
-        samples = tuple(Sample(item["name"], item["image"], item["label"]) for item in data["samples"])
+        samples = tuple(Sample(item["name"], item["image"], item["label"], bool(item.get("resize_label", False)))
+                        for item in data["samples"])
+        if verify:
+            for item in data["samples"]:
+                for kind in ("image", "label"):
+                    _check_unchanged(item[kind], item.get(f"{kind}_stat"), path)
         return cls(data["format"], int(data["num_classes"]), samples)
+
+
+def file_stat(path: str | Path) -> list[int]:
+    """[size in bytes, modification time in ns]: what the index records of each file."""
+    status = os.stat(path)
+    return [status.st_size, status.st_mtime_ns]
+
+
+def _check_unchanged(path: str | None, recorded: list[int] | None, manifest_path: str | Path) -> None:
+    if path is None or recorded is None:
+        return
+    try:
+        current = file_stat(path)
+    except FileNotFoundError as error:
+        raise DatasetError(f"{path} was indexed in {manifest_path} but is missing now; rerun its index "
+                           "(snakemake --forcerun index_dataset)") from error
+    if current != list(recorded):
+        raise DatasetError(f"{path} changed after it was indexed in {manifest_path} (size, modification time "
+                           f"{recorded} -> {current}); rerun its index (snakemake --forcerun index_dataset)")
 
 
 def open_image(path: str | Path) -> np.ndarray:
@@ -97,6 +125,15 @@ def check_train_ids(label: np.ndarray, num_classes: int, path: str | Path) -> np
             f"{IGNORE_INDEX}=ignore) in {path}"
         )
     return label
+
+
+LABEL_SIZE_POLICIES = ("error", "resize_label")
+
+
+def resize_label_nearest(label: np.ndarray, image_shape: tuple[int, ...]) -> np.ndarray:
+    """(h, w) train ids -> (H, W) of the image, nearest neighbour: no id is invented between two classes."""
+    height, width = image_shape[:2]
+    return np.array(Image.fromarray(label).resize((width, height), Image.Resampling.NEAREST))
 
 
 def check_same_size(image_shape: tuple[int, ...], label_shape: tuple[int, ...], sample: Sample) -> None:

@@ -25,6 +25,7 @@ class EvaluateSettings:
     batch_size: int = 1
     workers: int = 0
     evaluated_classes: tuple[int, ...] | None = None  # e.g. SYNTHIA's 16 or 13 of the 19 classes
+    class_subsets: dict[str, list[int]] | None = None  # more mIoUs from the same confusion: SYNTHIA's mIoU-13
 
 
 @dataclass(frozen=True)
@@ -58,9 +59,9 @@ def evaluate_checkpoint(checkpoint_path: str | Path, manifest_path: str | Path, 
     manifest = Manifest.load(manifest_path)
     confusion = predict_confusion(model, manifest, settings, device, len(class_names))
     evaluated = list(settings.evaluated_classes) if settings.evaluated_classes else None
-    metrics = summarize(confusion, class_names, evaluated)
+    metrics = summarize(confusion, class_names, evaluated, settings.class_subsets)
     metrics.update(checkpoint=str(checkpoint_path), dataset=str(manifest_path), images=len(manifest.samples),
-                   confusion=confusion.tolist())
+                   confusion=confusion.tolist(), provenance=checkpoint.get("provenance"))
     logger.info("%s: mIoU %.2f over %d images", title, metrics["miou"], len(manifest.samples))
     shown = [class_names[index] for index in metrics["evaluated_classes"]]
     write_text(paths.metrics_markdown, markdown_table({title: metrics}, shown))

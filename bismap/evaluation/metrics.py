@@ -32,8 +32,10 @@ def intersection_over_union(confusion: np.ndarray) -> np.ndarray:
         return np.where(union > 0, true_positive / union, np.nan)
 
 
-def summarize(confusion: np.ndarray, class_names: list[str], evaluated_classes: list[int] | None = None) -> dict:
-    """Per-class IoU (percent), mIoU over the evaluated classes present, pixel accuracy."""
+def summarize(confusion: np.ndarray, class_names: list[str], evaluated_classes: list[int] | None = None,
+              class_subsets: dict[str, list[int]] | None = None) -> dict:
+    """Per-class IoU (percent), mIoU over the evaluated classes present, pixel accuracy, and the mIoU of each
+    named subset of classes (``subset_miou``; SYNTHIA's mIoU-13 beside its mIoU-16), all from ``confusion``."""
     confusion = np.asarray(confusion)
     iou = intersection_over_union(confusion) * 100.0
     classes = list(range(len(class_names))) if evaluated_classes is None else list(evaluated_classes)
@@ -45,7 +47,13 @@ def summarize(confusion: np.ndarray, class_names: list[str], evaluated_classes: 
         "per_class_iou": {class_names[index]: _finite_or_none(iou[index]) for index in classes},
         "evaluated_classes": classes,
         "pixels": int(total),
+        "subset_miou": {name: _mean_present(iou, subset) for name, subset in (class_subsets or {}).items()},
     }
+
+
+def _mean_present(iou: np.ndarray, classes: list[int]) -> float:
+    present = [index for index in classes if not np.isnan(iou[index])]
+    return float(np.mean(iou[present])) if present else float("nan")
 
 
 def _finite_or_none(value: float) -> float | None:
@@ -54,11 +62,13 @@ def _finite_or_none(value: float) -> float | None:
 
 def markdown_table(rows: dict[str, dict], class_names: list[str]) -> str:
     """One row per model: per-class IoU then mIoU, the layout of UDA papers' tables."""
-    header = "| model | " + " | ".join(class_names) + " | mIoU |"
-    lines = [header, "|" + "---|" * (len(class_names) + 2)]
+    subsets = list(next(iter(rows.values()), {}).get("subset_miou", {}))  # e.g. mIoU-13 after SYNTHIA's mIoU-16
+    header = "| model | " + " | ".join(class_names) + " | mIoU |" + "".join(f" {name} |" for name in subsets)
+    lines = [header, "|" + "---|" * (len(class_names) + 2 + len(subsets))]
     for model_name, metrics in rows.items():
         cells = [_format(metrics["per_class_iou"].get(name)) for name in class_names]
-        lines.append(f"| {model_name} | " + " | ".join(cells) + f" | {_format(metrics['miou'])} |")
+        extra = "".join(f" {_format(metrics['subset_miou'][name])} |" for name in subsets)
+        lines.append(f"| {model_name} | " + " | ".join(cells) + f" | {_format(metrics['miou'])} |" + extra)
     return "\n".join(lines) + "\n"
 
 

@@ -45,6 +45,8 @@ def aggregate_models(summaries: Mapping[Any, Mapping[str, Any]], models: Sequenc
         rows[model] = {figure: mean_std([row[figure] for row in per_seed]) for figure in FIGURES}
         rows[model]["per_class_iou"] = {name: mean_std([row["per_class_iou"].get(name) for row in per_seed])
                                         for name in classes}
+        rows[model]["subset_miou"] = {name: mean_std([row.get("subset_miou", {}).get(name) for row in per_seed])
+                                      for name in per_seed[0].get("subset_miou", {})}
     return rows
 
 
@@ -96,10 +98,13 @@ def _change(name: str, before: bool | int | None, after: bool | int | None) -> s
 def class_table(rows: Mapping[str, Mapping[str, Any]]) -> str:
     """Per-class IoU and mIoU, mean ± std over the seeds (BiSMAP Table 1 layout)."""
     classes = list(next(iter(rows.values()))["per_class_iou"])
-    lines = ["| model | " + " | ".join(classes) + " | mIoU |", "|" + "---|" * (len(classes) + 2)]
+    subsets = list(next(iter(rows.values())).get("subset_miou", {}))  # SYNTHIA: mIoU-13 beside mIoU-16
+    lines = ["| model | " + " | ".join(classes) + " | mIoU |" + "".join(f" {name} |" for name in subsets),
+             "|" + "---|" * (len(classes) + 2 + len(subsets))]
     for model, row in rows.items():
         cells = [format_stat(row["per_class_iou"][name]) for name in classes]
-        lines.append(f"| {model} | " + " | ".join(cells) + f" | {format_stat(row['miou'])} |")
+        extra = "".join(f" {format_stat(row['subset_miou'][name])} |" for name in subsets)
+        lines.append(f"| {model} | " + " | ".join(cells) + f" | {format_stat(row['miou'])} |" + extra)
     return "\n".join(lines) + "\n"
 
 

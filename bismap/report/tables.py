@@ -22,6 +22,7 @@ from typing import Any
 
 from bismap.evaluation.metrics import markdown_table
 from bismap.io import read_json, write_json, write_text
+from bismap.provenance import provenance_table
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +81,8 @@ def write_summary(metrics_paths: Mapping[str, str | Path], class_names: list[str
     evaluated = next(iter(rows.values()))["evaluated_classes"]
     shown = [class_names[index] for index in evaluated]
     model_gains = gains(rows)
-    summary: dict[str, Any] = {model: {"miou": metrics["miou"], "per_class_iou": metrics["per_class_iou"],
+    summary: dict[str, Any] = {model: {"miou": metrics["miou"], "subset_miou": metrics.get("subset_miou", {}),
+                                       "per_class_iou": metrics["per_class_iou"],
                                        **model_gains[model], "components": dict((components or {}).get(model, {}))}
                                for model, metrics in rows.items()}
     text = "# Target-val results\n\n## Components (BiSMAP Table 4)\n\n"
@@ -90,6 +92,10 @@ def write_summary(metrics_paths: Mapping[str, str | Path], class_names: list[str
         gap = rows["oracle"]["miou"] - rows["warmup"]["miou"]
         summary["gap_warmup_to_oracle"] = gap
         text += f"\nGap between source-only warmup and target oracle: {gap:.1f} mIoU points.\n"
+    text += ("\n## What each model ran\n\nFrom its checkpoint (bismap.provenance): processes, the global batch "
+             "(always the config's: split over the processes), learning rate, iterations, AMP, device, versions and "
+             "the project's commit.\n\n" + provenance_table({model: metrics.get("provenance") for model, metrics
+                                                               in rows.items()}))
     if figure_name:
         text += f"\n## Qualitative results\n\n![image, truth and each model's prediction]({figure_name})\n"
     for model, metrics in rows.items():

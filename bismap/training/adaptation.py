@@ -35,6 +35,7 @@ from bismap.progress import tqdm
 from bismap.data.loading import Manifest, ResumableBatchSampler, SegmentationDataset, train_augmentation
 from bismap.io import write_text
 from bismap.losses import PixelLosses, masked_mean, masked_sum, weighted_cross_entropy_pixels
+from bismap.provenance import run_provenance
 from bismap.training.checkpoint import load_model, load_resume_state, save_checkpoint, save_resume_state
 from bismap.training.distributed import (DistributedContext, RankSliceBatchSampler, all_reduce_mean, capture_rng,
                                          global_mean_loss, launch_training, restore_rng, seed_rank_rng, unwrap_model,
@@ -190,8 +191,10 @@ def train_and_save(run: AdaptationRun, make_step: Callable[[torch.nn.Module], St
     batches = paired_batches(run.source, run.target, run.settings, state.iteration, context)
     run_loop(make_step(network), batches, run.optimizer, run.settings, state, run.paths, run.run_id, context)
     if context.is_main:
+        provenance = run_provenance(run.settings.batch_size, run.settings.optimizer.learning_rate,
+                                    run.settings.iterations, context.world_size, False, context.device)  # no AMP here
         save_checkpoint(run.paths.checkpoint, unwrap_model(network), run.model.settings, run.class_names,
-                        run.settings.iterations, run.run_settings)
+                        run.settings.iterations, run.run_settings, provenance)
         run.paths.state.unlink(missing_ok=True)
 
 

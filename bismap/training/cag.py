@@ -40,7 +40,7 @@ from bismap.methods.cag import CagSettings, anchor_distance_pairs, probability_p
 from bismap.methods.prototypes import labels_at_feature_size
 from bismap.training.adaptation import (AdaptationRun, Batch, DomainData, image_cross_entropy, pixel_mean,
                                         seeded_start, train_and_save)
-from bismap.training.checkpoint import fingerprint
+from bismap.training.checkpoint import fingerprint, input_signature
 from bismap.training.distributed import DistributedContext, launch_training
 from bismap.training.optim import make_optimizer
 from bismap.training.supervised import RunPaths, TrainSettings
@@ -148,8 +148,7 @@ def _cag_train(context: DistributedContext, job: tuple[CagInputs, RunPaths, CagT
     logger.info("CAG-UDA stage 1: margin %.3g, lambda_1 %.3g, lambda_2 %.3g, P_0 %.3g", settings.cag.margin,
                 settings.cag.distance_weight, settings.cag.cross_entropy_weight, settings.cag.probability_threshold)
     run = AdaptationRun(model, optimizer, {"model": model, "optimizer": optimizer}, source, target,
-                        settings.training, paths, fingerprint(run_settings, [str(path) for path in
-                                                                              inputs.anchor_label_dirs]),
+                        settings.training, paths, fingerprint(run_settings, input_signature(inputs)),
                         class_names, run_settings)
     train_and_save(run, lambda network: CagStep(network, labeller, anchors, optimizer, settings.cag, context),
                    context)

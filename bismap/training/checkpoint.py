@@ -8,6 +8,7 @@ setting that shapes training — matches the current run.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -17,6 +18,7 @@ from typing import Any
 import torch
 
 from bismap import CODE_VERSION
+from bismap.data.samples import file_stat
 from bismap.io import atomic_path
 from bismap.models import ModelSettings, build_model
 from bismap.models.deeplab import DeepLabV3Plus
@@ -30,8 +32,32 @@ def fingerprint(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def input_signature(*inputs: Any) -> list[list[Any]]:
+    """[path, size, modification time in ns] of every file the inputs name, folders file by file (sorted).
+
+    ``inputs``: paths, lists of paths, or dataclasses of them (a stage's inputs); other values are skipped.
+    Part of every resume fingerprint, so a resume state is bound to the files it was trained on: an input
+    rebuilt since (a new warmup, new pseudo-labels) has a new size or time, and the state is not used.
+    """
+    files: list[Path] = []
+    pending = list(inputs)
+    while pending:
+        item = pending.pop(0)
+        if dataclasses.is_dataclass(item) and not isinstance(item, type):
+            pending.extend(getattr(item, field.name) for field in dataclasses.fields(item))
+        elif isinstance(item, (list, tuple)):
+            pending.extend(item)
+        elif isinstance(item, (str, Path)) and Path(item).is_dir():
+            files.extend(sorted(path for path in Path(item).rglob("*") if path.is_file()))
+        elif isinstance(item, (str, Path)) and Path(item).is_file():
+            files.append(Path(item))
+    return [[str(path), *file_stat(path)] for path in files]
+
+
 def save_checkpoint(path: str | Path, model: torch.nn.Module, model_settings: ModelSettings,
-                    class_names: list[str], step: int, settings: dict[str, Any]) -> None:
+                    class_names: list[str], step: int, settings: dict[str, Any],
+                    provenance: dict[str, Any] | None = None) -> None:
+    """The model, its settings and what the run actually ran (``provenance``: bismap.provenance.run_provenance)."""
     checkpoint = {
         "model": _unwrap(model).state_dict(),
         "model_settings": to_dict(model_settings),
@@ -39,6 +65,7 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, model_settings: Mo
         "step": step,
         "settings": settings,
         "code_version": CODE_VERSION,
+        "provenance": provenance,
     }
     with atomic_path(path) as temporary:
         torch.save(checkpoint, temporary)

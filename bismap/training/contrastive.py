@@ -54,7 +54,7 @@ from bismap.methods.contrastive import (ContrastiveSettings, backward_contrastiv
 from bismap.methods.prototypes import absent_classes, class_centroids, labels_at_feature_size, momentum_update
 from bismap.training.adaptation import (AdaptationRun, Batch, DomainData, image_cross_entropy, launch_one_process,
                                         pixel_mean, seeded_start, train_and_save)
-from bismap.training.checkpoint import fingerprint
+from bismap.training.checkpoint import fingerprint, input_signature
 from bismap.training.distributed import DistributedContext
 from bismap.training.optim import make_optimizer
 from bismap.training.supervised import RunPaths, TrainSettings
@@ -205,7 +205,7 @@ def _contrastive_train(context: DistributedContext, job: tuple[ContrastiveInputs
                 settings.contrastive.entropy_form)
     run = AdaptationRun(model, optimizer, {"model": model, "optimizer": optimizer, "prototypes": momentum},
                         DomainData(inputs.source_manifest), target, settings.training, paths,
-                        fingerprint(run_settings, [str(path) for path in inputs.static_label_dirs]),
+                        fingerprint(run_settings, input_signature(inputs)),
                         class_names, run_settings)
     train_and_save(run, lambda network: ContrastiveStep(network, momentum, optimizer, settings.contrastive, context),
                    context)

@@ -59,7 +59,7 @@ from bismap.methods.proda import rectify_pseudo_labels
 from bismap.methods.prototypes import centroids_from_sums
 from bismap.training.adaptation import (AdaptationRun, Batch, DomainData, WarmupInputs, image_cross_entropy,
                                         launch_one_process, pixel_mean, seeded_start, train_and_save)
-from bismap.training.checkpoint import fingerprint
+from bismap.training.checkpoint import fingerprint, input_signature
 from bismap.training.distributed import DistributedContext, unwrap_model
 from bismap.training.ema import make_teacher, update_ema
 from bismap.training.optim import make_optimizer
@@ -245,6 +245,6 @@ def _cpsl_train(context: DistributedContext, job: tuple[CpslInputs, RunPaths, Cp
                 settings.cpsl.consistency_weight, [round(share, 4) for share in distribution.tolist()])
     run = AdaptationRun(model, optimizer, modules, DomainData(inputs.source_manifest),
                         DomainData(inputs.target_manifest, labelled=False), settings.training, paths,
-                        fingerprint(run_settings, []), class_names, run_settings)
+                        fingerprint(run_settings, input_signature(inputs)), class_names, run_settings)
     train_and_save(run, lambda network: CpslStep(network, head, momentum, momentum_head, warmup, state, optimizer,
                                                  settings, context), context)

@@ -36,7 +36,7 @@ from bismap.losses import kl_divergence_pixels
 from bismap.models import build_model
 from bismap.stm.embeddings import check_state, torchvision_state
 from bismap.training.adaptation import AdaptationRun, Batch, DomainData, image_cross_entropy, pixel_mean, train_and_save
-from bismap.training.checkpoint import fingerprint, load_model
+from bismap.training.checkpoint import fingerprint, input_signature, load_model
 from bismap.training.distributed import DistributedContext, launch_training
 from bismap.training.ema import make_teacher
 from bismap.training.optim import make_optimizer
@@ -152,7 +152,7 @@ def _distill(context: DistributedContext, job: _DistillJob) -> None:
     photometric = load_statistics(inputs.photometric_statistics) if inputs.photometric_statistics else None
     source = DomainData(inputs.source_manifest, photometric_statistics=photometric)
     target = DomainData(inputs.target_manifest, label_paths=shard_png_paths(inputs.teacher_label_dirs, "teacher label"))
-    run_id = fingerprint(job.run_settings, [str(path) for path in inputs.teacher_label_dirs])
+    run_id = fingerprint(job.run_settings, input_signature(inputs))
     run = AdaptationRun(student, optimizer, {"model": student, "optimizer": optimizer}, source, target,
                         settings.training, job.paths, run_id, list(checkpoint["class_names"]), job.run_settings)
     train_and_save(run, lambda network: DistillStep(network, teacher, optimizer, settings.kl_weight, context),

@@ -40,7 +40,7 @@ from bismap.methods.prototypes import centroids_from_sums
 from bismap.models.deeplab import SegmentationOutput
 from bismap.training.adaptation import (AdaptationRun, Batch, DomainData, WarmupInputs, image_cross_entropy,
                                         launch_one_process, pixel_mean, seeded_start, train_and_save)
-from bismap.training.checkpoint import fingerprint
+from bismap.training.checkpoint import fingerprint, input_signature
 from bismap.training.distributed import DistributedContext, unwrap_model
 from bismap.training.ema import make_teacher, update_ema
 from bismap.training.optim import make_optimizer
@@ -153,6 +153,6 @@ def _proda_train(context: DistributedContext, job: tuple[ProdaInputs, RunPaths, 
                 settings.proda.kl_weight, settings.proda.regularization_weight,
                 int((~bank.prototypes.isnan().any(dim=1)).sum()))
     run = AdaptationRun(model, optimizer, modules, source, target, settings.training, paths,
-                        fingerprint(run_settings, []), class_names, run_settings)
+                        fingerprint(run_settings, input_signature(inputs)), class_names, run_settings)
     train_and_save(run, lambda network: ProdaStep(network, momentum, warmup, bank, optimizer, settings, context),
                    context)

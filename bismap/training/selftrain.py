@@ -51,7 +51,7 @@ from bismap.methods.prototypes import class_pixel_counts
 from bismap.models import ModelSettings, build_model
 from bismap.training.adaptation import (AdaptationRun, Batch, DomainData, image_cross_entropy, pixel_mean,
                                         resize_maps, train_and_save, upsample_to)
-from bismap.training.checkpoint import fingerprint, load_model
+from bismap.training.checkpoint import fingerprint, input_signature, load_model
 from bismap.training.distributed import (DistributedContext, all_reduce_sum, convert_sync_batchnorm, launch_training,
                                          rank_slice, unwrap_model)
 from bismap.training.ema import make_teacher, update_ema, use_batch_statistics
@@ -305,7 +305,7 @@ def _self_train(context: DistributedContext, job: _SelfTrainJob) -> None:
     if context.is_main:
         logger.info("self-training: STM %s, pseudo-labels %s, consistency %s (lambda %.3g)", settings.use_stm,
                     settings.use_pseudo_labels, settings.use_consistency, settings.consistency_weight)
-    run_id = fingerprint(job.run_settings, [str(path) for path in inputs.pseudo_label_dirs])
+    run_id = fingerprint(job.run_settings, input_signature(inputs))
     run = AdaptationRun(model, optimizer, modules, source, target, settings.training, job.paths, run_id,
                         class_names, job.run_settings)
     train_and_save(run, lambda network: SelfTrainStep(network, teacher, optimizer, settings, context, distributions),

@@ -33,7 +33,8 @@ from bismap.data.photometric import load_statistics
 from bismap.data.samples import IGNORE_INDEX
 from bismap.io import write_text
 from bismap.models import ModelSettings, build_model
-from bismap.training.checkpoint import fingerprint, load_resume_state, save_checkpoint, save_resume_state
+from bismap.provenance import run_provenance
+from bismap.training.checkpoint import fingerprint, input_signature, load_resume_state, save_checkpoint, save_resume_state
 from bismap.training.distributed import (DistributedContext, RankSliceBatchSampler, all_reduce_mean, capture_rng,
                                          global_mean_loss, launch_training, restore_rng, seed_rank_rng, unwrap_model,
                                          wrap_model)
@@ -132,8 +133,10 @@ def _train(context: DistributedContext, job: _TrainJob) -> None:
             if context.is_main:  # every rank took part above: the RNG states are gathered
                 save_resume_state(job.paths.state, state)
     if context.is_main:
+        provenance = run_provenance(settings.batch_size, settings.optimizer.learning_rate, settings.iterations,
+                                    context.world_size, run.use_amp, context.device)
         save_checkpoint(job.paths.checkpoint, run.model, job.model_settings, job.class_names,
-                        settings.iterations, job.run_settings or {})
+                        settings.iterations, job.run_settings or {}, provenance)
         write_text(job.paths.loss_log, _loss_table(history))
         job.paths.state.unlink(missing_ok=True)
 
@@ -149,7 +152,8 @@ def _setup(context: DistributedContext, job: _TrainJob) -> _Run:
     use_amp = settings.amp and context.device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     extra = [photometric] if photometric else []  # GPA statistics shape training too (only hashed when used)
-    run_id = fingerprint(job.run_settings, str(job.manifest_path), len(manifest.samples), *extra)
+    inputs = [job.manifest_path, job.imagenet_weights, job.photometric_statistics_path]
+    run_id = fingerprint(job.run_settings, input_signature(inputs), *extra)
     state = load_resume_state(job.paths.state, run_id)  # saved by any number of processes
     start, history = (state["iteration"], state["history"]) if state else (0, [])
     if state:
