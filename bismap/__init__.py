@@ -9,4 +9,4 @@ __version__ = "0.1.0"
 # Bumped whenever a change to the library alters what a stage writes. Rules pass
 # it as a param, so editing it reruns the stages (Snakemake does not track the
 # modules a script imports).
-CODE_VERSION = "0.2.1"
+CODE_VERSION = "0.3.0"
