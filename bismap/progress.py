@@ -29,7 +29,12 @@ class tqdm(terminal_tqdm):  # noqa: N801 - a drop-in for tqdm.tqdm
     """tqdm, throttled to one redraw per LOG_INTERVAL_SECONDS where its stream is not a terminal."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        if not attached_to_terminal(kwargs.get("file")):
+        self.throttled = not attached_to_terminal(kwargs.get("file"))
+        if self.throttled:
             kwargs.setdefault("mininterval", LOG_INTERVAL_SECONDS)
             kwargs.setdefault("maxinterval", LOG_INTERVAL_SECONDS * 2)
         super().__init__(*args, **kwargs)
+
+    def set_postfix(self, ordered_dict: Any = None, refresh: bool = True, **kwargs: Any) -> None:
+        """tqdm redraws on every postfix (a training loop's loss): off a terminal, the next interval shows it."""
+        super().set_postfix(ordered_dict, refresh=refresh and not self.throttled, **kwargs)

@@ -20,8 +20,9 @@ def test_a_bar_written_to_a_file_redraws_once_per_interval_not_per_update(monkey
     clock = iter(range(0, 10_000_000, 1))  # 1 s per tqdm time() call: many intervals pass during the loop
     monkeypatch.setattr("tqdm.std.time", lambda: next(clock) / 1000)  # 1 ms per call
     log = io.StringIO()
-    for _ in tqdm(range(20_000), file=log, miniters=1):
-        pass
+    with tqdm(range(20_000), file=log, miniters=1) as bar:
+        for step in bar:
+            bar.set_postfix(loss=step)  # as the training loops do every iteration
     terminal = Terminal()
     for _ in tqdm(range(20_000), file=terminal, miniters=1):
         pass
