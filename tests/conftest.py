@@ -49,6 +49,19 @@ def tiny_config(results: Path) -> dict:
     return config
 
 
+def tree_files(root: Path) -> set[Path]:
+    return {path for path in root.rglob("*") if path.is_file()}
+
+
+def remove_new_files(root: Path, before: set[Path]) -> None:
+    """Leave a shared run as a test found it: remove the files (and then empty folders) added since ``before``."""
+    for path in tree_files(root) - before:
+        path.unlink()
+    for folder in sorted((path for path in root.rglob("*") if path.is_dir()), key=lambda path: -len(path.parts)):
+        if not any(folder.iterdir()):
+            folder.rmdir()
+
+
 def dies_on_call(function, call: int):
     """``function``, except that its ``call``-th call raises KeyboardInterrupt: a job killed mid-training."""
     calls = {"count": 0}

@@ -12,7 +12,7 @@ from PIL import Image
 
 from bismap.labels.coverage import coverage_threshold
 from bismap.stm.weights import control_weights, transferability_weights
-from tests.conftest import planned_jobs, run_snakemake, seed_results, write_config
+from tests.conftest import planned_jobs, remove_new_files, run_snakemake, seed_results, tree_files, write_config
 
 CONTROLS = [
     {"name": "stm_distance", "maps": True, "stm": True, "stm_form": "distance_only", "compare_with": "stm_maps"},
@@ -54,16 +54,18 @@ def test_coverage_threshold_keeps_the_share_asked_for():
 
 @pytest.fixture(scope="module")
 def controls_run(finished_tiny_run, tmp_path_factory):
-    """The shared tiny run with the controls and three trials added, planned and then run; afterwards the
-    shared run's own config runs again (its reports), so the tests after these find it complete."""
+    """The shared tiny run with the controls and three trials added, planned and then run; afterwards their
+    files are removed and the shared run's own config runs again (its reports), so later tests find it as it was."""
     workdir, configfile = finished_tiny_run
     config = yaml.safe_load(configfile.read_text())
     config["selftrain"]["variants"] += CONTROLS
     edited = write_config(tmp_path_factory.mktemp("controls") / "controls.yaml", config)
+    before = tree_files(workdir / "results")
     plan = planned_jobs(run_snakemake(workdir, edited, "-n").stdout)
     run_snakemake(workdir, edited)
     yield workdir, plan
-    run_snakemake(workdir, configfile)
+    remove_new_files(workdir / "results", before)
+    run_snakemake(workdir, configfile)  # the reports of the shared run's own config again
 
 
 def test_controls_plan_only_their_own_maps_labels_and_runs(controls_run):
@@ -108,7 +110,7 @@ def test_trials_train_with_their_overrides_and_resolved_memory(controls_run):
     trial = torch.load(checkpoints / "selftrain_stm_trial.pt", weights_only=False)["settings"]["selftrain"]
     plain = torch.load(checkpoints / "selftrain_stm.pt", weights_only=False)["settings"]["selftrain"]
     assert trial["training"]["optimizer"]["learning_rate"] == 0.02 and trial["sce_alpha"] == 0.5
-    assert plain["training"]["optimizer"]["learning_rate"] == 0.01 and plain["sce_alpha"] == 0.1
+    assert plain["training"]["optimizer"]["learning_rate"] == 0.01 and plain["sce_alpha"] == 0.1  # the tiny config's
     memory = torch.load(checkpoints / "selftrain_memory_trial.pt", weights_only=False)["settings"]["selftrain"]
     assert memory["ema_decay"] == pytest.approx(1 - 1 / (2.0 * 2))  # 2 iterations in the tiny config
 

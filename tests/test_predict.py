@@ -14,7 +14,7 @@ from PIL import Image
 
 from bismap.evaluation.metrics import confusion_matrix
 from bismap.predict import cityscapes_label_ids
-from tests.conftest import run_snakemake, seed_results, write_config
+from tests.conftest import remove_new_files, run_snakemake, seed_results, tree_files, write_config
 
 
 def test_train_ids_map_to_the_official_cityscapes_label_ids():
@@ -31,8 +31,10 @@ def predicted(finished_tiny_run, tmp_path_factory):
     config["predict"] = {"input": str(results / "data" / "digit_scenes" / "target_val" / "images"),
                          "models": ["warmup"], "flip_average": False, "resize": None}
     edited = write_config(tmp_path_factory.mktemp("predict") / "predict.yaml", config)
+    before = tree_files(workdir / "results")
     run_snakemake(workdir, edited, str(results / "predict" / "warmup"))
-    return results
+    yield results
+    remove_new_files(workdir / "results", before)  # the shared run as it was
 
 
 def test_the_workflows_predictions_are_what_the_evaluation_scores(predicted):
