@@ -57,7 +57,7 @@ class Dimension:
         if self.scale not in SCALES or self.unit not in UNITS:
             raise ValueError(f"tuning dimension {self.setting}: scale must be one of {SCALES} and unit one of "
                              f"{UNITS}, got '{self.scale}', '{self.unit}'")
-        if not 0 < self.low <= self.high and not (self.scale == "linear" and self.low <= self.high):
+        if self.low > self.high or (self.scale == "log" and self.low <= 0):
             raise ValueError(f"tuning dimension {self.setting}: need 0 < low <= high (log) or low <= high, "
                              f"got {self.low}, {self.high}")
 
