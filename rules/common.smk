@@ -135,13 +135,14 @@ def evaluated_models():
     for name in selftrain_variants():
         models += [round_model(name, round_number) for round_number in range(1, variant_rounds(name))]
         models.append(f"selftrain_{name}")
-    models += ["distill"] if distill_enabled() else []
+    models += [distill_model(stage) for stage in range(1, distill_stages() + 1)] if distill_enabled() else []
     return models + (["oracle"] if oracle_enabled() else [])
 
 
 def model_checkpoint(model, seed="{seed}"):
     """The checkpoint of a report row: checkpoints/<model>.pt, or checkpoints/rounds/ for an earlier round."""
-    if model in {round_model(name, round_number) for name, round_number in earlier_rounds()}:
+    earlier_stages = {distill_model(stage) for stage in range(1, distill_stages())} if distill_enabled() else set()
+    if model in {round_model(name, round_number) for name, round_number in earlier_rounds()} | earlier_stages:
         return run_path("checkpoints", "rounds", f"{model}.pt", seed=seed)
     return run_path("checkpoints", f"{model}.pt", seed=seed)
 
@@ -155,8 +156,9 @@ def model_components():
         for round_number in range(1, variant_rounds(name)):
             components[round_model(name, round_number)] = {**used, "rounds": round_number}
         components[f"selftrain_{name}"] = {**used, "rounds": variant_rounds(name)}
-    if distill_enabled():
-        components["distill"] = {**components[f"selftrain_{distill_teacher()}"], "distillation": True}
+    if distill_enabled():  # "distillation" counts the stages, as "rounds" counts the self-training rounds
+        for stage in range(1, distill_stages() + 1):
+            components[distill_model(stage)] = {**components[f"selftrain_{distill_teacher()}"], "distillation": stage}
     return components
 
 
@@ -191,7 +193,7 @@ def method_rows():
             for stage in range(1, stages + 1):
                 model = f"selftrain_{name}" if stage == stages else round_model(name, stage)
                 methods[model] = "cag" if stage == 1 else f"cag_stage_{stage}"
-        elif variant["method"] != "bismap":
+        elif variant["method"] != "bismap" and not variant["compare_with"]:  # a control is a row of its own table
             methods[f"selftrain_{name}"] = variant["method"]
     full = full_bismap_variant()
     if full:
@@ -543,8 +545,41 @@ def distill_teacher():
     return name
 
 
-def teacher_checkpoint():
-    return run_path("checkpoints", f"selftrain_{distill_teacher()}.pt")
+def distill_stages():
+    """Distillation stages (distill.stages): each stage's student teaches the next (the public BiSMAP code runs 2)."""
+    return int(distill_settings().get("stages", 1))
+
+
+def distill_model(stage):
+    """Report/checkpoint name of distillation stage ``stage``: 'distill' for the last, 'distill_stage_<s>' before it."""
+    return "distill" if stage == distill_stages() else f"distill_stage_{stage}"
+
+
+def distill_stage_of(wildcards):
+    """Which stage a distillation job trains: its {stage} wildcard, or the last stage (rule distill)."""
+    stage = int(wildcards.get("stage", distill_stages()))
+    if not 1 <= stage <= distill_stages():
+        raise WorkflowError(f"distillation stage {stage}: distill.stages is {distill_stages()}")
+    return stage
+
+
+def teacher_label_set(stage):
+    """The pseudo_labels/ folder of the labels stage ``stage`` learns from: 'teacher', then 'teacher_stage_<s>'."""
+    return "teacher" if stage == 1 else f"teacher_stage_{stage}"
+
+
+def teacher_checkpoint(stage=1, seed="{seed}"):
+    """Stage 1 learns from the self-trained teacher variant, stage s from stage s - 1's student."""
+    if stage == 1:
+        return run_path("checkpoints", f"selftrain_{distill_teacher()}.pt", seed=seed)
+    return model_checkpoint(distill_model(stage - 1), seed)
+
+
+def distill_teacher_inputs(wildcards):
+    """The teacher checkpoint and its label shards of one distillation stage."""
+    stage = distill_stage_of(wildcards)
+    return {"teacher": teacher_checkpoint(stage, wildcards.seed),
+            "teacher_labels": label_shard_folders(teacher_label_set(stage), seed=wildcards.seed)}
 
 
 def teacher_label_settings():
@@ -636,8 +671,9 @@ def stage_jobs():
         jobs.update(extract_source_features=[""], merge_class_gmms=[""],
                     fit_class_gmm=[f"job_{job}" for job in range(len(gmm_job_classes()))])
     jobs["pseudo_labels"] = [f"{name}_{shard}" for name in labels for shard in shards]
+    teacher_sets = [teacher_label_set(stage) for stage in range(1, distill_stages() + 1)] if distill_enabled() else []
     jobs["merge_pseudo_labels"] = ["maps"] * maps_summary_needed() + ["baseline"] * baseline_labels_needed() + \
-        ["teacher"] * distill_enabled()
+        teacher_sets
     own_anchor_labels = [name for name, variant in selftrain_variants().items()
                          if variant["method"] == "cag" and cag_label_set(name) != ("cas",)]
     jobs["variant_anchor_labels"] = [f"{name}_{shard}" for name in own_anchor_labels for shard in shards]
@@ -656,7 +692,10 @@ def stage_jobs():
                 stage_fit_class_gmm=[f"{name}_job_{job}" for name in stages for job in range(len(gmm_job_classes()))],
                 stage_anchor_labels=[f"{name}_{shard}" for name in stages for shard in shards])
     if distill_enabled():
-        jobs.update(teacher_pseudo_labels=shards, distill=[""])
+        later_stages = range(2, distill_stages() + 1)
+        jobs.update(teacher_pseudo_labels=shards, distill=[""],
+                    stage_teacher_pseudo_labels=[f"{stage}_{shard}" for stage in later_stages for shard in shards],
+                    distill_stage=[str(stage) for stage in range(1, distill_stages())])
     jobs.update(evaluate=evaluated_models(), qualitative_figure=[""], report=[""])
     return {rule: names for rule, names in jobs.items() if names}
 
@@ -685,7 +724,8 @@ def seed_outputs(seed):
     if baseline_labels_needed():
         outputs.append(run_path("pseudo_labels", "baseline", "summary.json", seed=seed))
     if distill_enabled():
-        outputs.append(run_path("pseudo_labels", "teacher", "summary.json", seed=seed))
+        outputs += [run_path("pseudo_labels", teacher_label_set(stage), "summary.json", seed=seed)
+                    for stage in range(1, distill_stages() + 1)]
     return outputs
 
 

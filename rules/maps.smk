@@ -129,7 +129,7 @@ rule merge_pseudo_labels:
     params:
         code_version=CODE_VERSION,
     wildcard_constraints:
-        labels="maps|baseline|teacher|confidence_matched|cas_matched",
+        labels=r"maps|baseline|teacher|teacher_stage_\d+|confidence_matched|cas_matched",
     threads: 1
     conda:
         CONDA_ENV

@@ -12,7 +12,8 @@ import yaml
 from PIL import Image
 
 from bismap.settings import resolve_run_relative
-from tests.conftest import REPO, planned_jobs, run_snakemake, seed_results, tiny_config, write_config
+from tests.conftest import (REPO, planned_jobs, remove_new_files, run_snakemake, seed_results, tiny_config, tree_files,
+                            write_config)
 
 VARIANTS = ["baseline", "stm", "stm_maps", "consistency", "bismap"]
 
@@ -21,7 +22,7 @@ def test_every_stage_writes_its_checkpoint_and_the_report_has_one_row_each(finis
     workdir, _ = finished_tiny_run
     results = seed_results(workdir / "results")
     models = ["warmup", *(f"selftrain_{name}" for name in VARIANTS[:-1]), "selftrain_bismap_round_1",
-              "selftrain_bismap", "distill", "oracle"]
+              "selftrain_bismap", "distill_stage_1", "distill", "oracle"]
     summary = json.loads((results / "report" / "summary.json").read_text())
     assert [key for key in summary if key != "gap_warmup_to_oracle"] == models
     gap = summary["oracle"]["miou"] - summary["warmup"]["miou"]
@@ -33,8 +34,10 @@ def test_every_stage_writes_its_checkpoint_and_the_report_has_one_row_each(finis
             assert summary[model]["gap_closed_percent"] == pytest.approx(100 * summary[model]["gain_over_warmup"] / gap)
     assert summary["selftrain_stm"]["components"] == {"maps": False, "stm": True, "consistency": False,
                                                       "alignment": False, "distillation": False, "rounds": 1}
+    # "distillation" counts the stages (distill.stages: 2, as the public BiSMAP code)
     assert summary["distill"]["components"] == {"maps": True, "stm": True, "consistency": True, "alignment": True,
-                                                "distillation": True, "rounds": 2}
+                                                "distillation": 2, "rounds": 2}
+    assert summary["distill_stage_1"]["components"] == {**summary["distill"]["components"], "distillation": 1}
     markdown = (results / "report" / "summary.md").read_text()
     # one row per self-trained model in the components, per-class and "What each model ran" tables
     assert sum(line.startswith("| selftrain_") for line in markdown.splitlines()) == 3 * (len(VARIANTS) + 1)
@@ -89,7 +92,8 @@ def test_the_second_round_starts_from_the_first_and_learns_its_labels(finished_t
     assert summary["selftrain_bismap"]["components"]["rounds"] == 2
     output = run_snakemake(workdir, configfile, "-n", "--forcerun", "selftrain_round").stdout
     assert planned_jobs(output) == {"selftrain_round": 1, "round_pseudo_labels": 2, "selftrain": 1,
-                                    "teacher_pseudo_labels": 2, "merge_pseudo_labels": 1, "distill": 1, "evaluate": 3,
+                                    "teacher_pseudo_labels": 2, "merge_pseudo_labels": 2, "distill_stage": 1,
+                                    "stage_teacher_pseudo_labels": 2, "distill": 1, "evaluate": 4,
                                     "qualitative_figure": 1, "report": 1, "report_seeds": 1, "all": 1}
     block = re.search(r"^rule selftrain:\n((?:    .*\n)+)", output, flags=re.MULTILINE).group(1)
     inputs = block.split("\n")[0]
@@ -99,7 +103,7 @@ def test_the_second_round_starts_from_the_first_and_learns_its_labels(finished_t
 
 def test_qualitative_figure_has_a_column_per_model(finished_tiny_run):
     figure = Image.open(seed_results(finished_tiny_run[0] / "results") / "report" / "qualitative.png")
-    columns, rows = 2 + 1 + len(VARIANTS) + 1 + 1 + 1, 2  # image, truth, warmup, variants + a round, distill, oracle
+    columns, rows = 2 + 1 + len(VARIANTS) + 1 + 2 + 1, 2  # image, truth, warmup, variants + a round, 2 distill, oracle
     assert figure.width / figure.height == pytest.approx(columns / rows, rel=0.25)
 
 
@@ -143,7 +147,8 @@ def test_editing_lambda_reruns_the_consistency_variant_distillation_and_report_o
     jobs = edited_plan(finished_tiny_run, tmp_path,
                        lambda config: config["selftrain"].update(consistency_weight=7.5))
     assert jobs == {"selftrain": 2, "selftrain_round": 1, "round_pseudo_labels": 2, "teacher_pseudo_labels": 2,
-                    "merge_pseudo_labels": 1, "distill": 1, "evaluate": 4, "qualitative_figure": 1, "report": 1, "report_seeds": 1, "all": 1}
+                    "merge_pseudo_labels": 2, "distill_stage": 1, "stage_teacher_pseudo_labels": 2, "distill": 1,
+                    "evaluate": 5, "qualitative_figure": 1, "report": 1, "report_seeds": 1, "all": 1}
 
 
 def test_adding_a_variant_runs_only_that_variant(finished_tiny_run, tmp_path):
@@ -168,11 +173,11 @@ def test_a_proda_variant_trains_from_the_warmup_alone_and_gets_a_report_row(fini
 FAMILY = ("proda", "cpsl", "contrastive", "cag")
 
 
-def test_the_family_variants_run_without_maps_labels_or_stm(tmp_path):
-    """Their own run (the shared tiny run stays as it is). ProDA and CPSL need the warmup only; the contrastive
-    method the baseline labels as static labels (2 shards); CAG-UDA the MAPs file's class centroids (features and
-    GMM jobs) and its anchor labels ('cas', 2 shards), not the MAPs labels; its second stage the same again, made
-    with its first stage's model."""
+def test_the_family_variants_run_without_maps_labels_or_stm(finished_tiny_run, tmp_path):
+    """Planned alone, ProDA and CPSL need the warmup only; the contrastive method the baseline labels as static
+    labels (2 shards); CAG-UDA the MAPs file's class centroids (features and GMM jobs) and its anchor labels
+    ('cas', 2 shards), not the MAPs labels; its second stage the same again, made with its first stage's model.
+    Then they run on top of the shared tiny run (its warmup and MAPs file), whose files are left as they were."""
     config = tiny_config(tmp_path / "results")
     config["selftrain"]["variants"] = [{"name": name, "method": name} for name in FAMILY]
     config["selftrain"]["variants"][-1]["rounds"] = 2  # CAG-UDA's second stage: anchors and labels of the first
@@ -193,17 +198,28 @@ def test_the_family_variants_run_without_maps_labels_or_stm(tmp_path):
                      if "rule selftrain:" in block and re.search(r"wildcards: seed=0, variant=cag$", block, re.M))
     assert "rounds/selftrain_cag_round_1.pt" in stage_two and "maps/rounds/cag_round_1/prototypes.h5" in stage_two
     assert "pseudo_labels/cag_rounds/cag_round_1/shard_0" in stage_two
-    run_snakemake(tmp_path, configfile, *targets)
-    headers = {name: (results / "training" / f"selftrain_{name}_loss.tsv").read_text().splitlines()[0].split("\t")
-               for name in FAMILY}
+
+    workdir, shared_configfile = finished_tiny_run
+    shared = yaml.safe_load(shared_configfile.read_text())
+    shared["selftrain"]["variants"] += config["selftrain"]["variants"]
+    results = seed_results(workdir / "results")
+    targets = [str(results / "evaluation" / f"selftrain_{name}" / "metrics.json") for name in FAMILY]
+    before = tree_files(workdir / "results")
+    try:
+        run_snakemake(workdir, write_config(tmp_path / "shared_family.yaml", shared), *targets)
+        headers = {name: (results / "training" / f"selftrain_{name}_loss.tsv").read_text().splitlines()[0].split("\t")
+                   for name in FAMILY}
+        metrics = {name: json.loads((results / "evaluation" / f"selftrain_{name}" / "metrics.json").read_text())
+                   for name in FAMILY}
+    finally:
+        remove_new_files(workdir / "results", before)
     assert headers["proda"][:6] == ["iteration", "loss", "source_ce", "target_sce", "structure_kl", "regularization"]
     assert headers["cpsl"][:6] == ["iteration", "loss", "source_ce", "target_ce", "self_labeling", "consistency"]
     assert headers["contrastive"][6:9] == ["forward_contrast", "backward_contrast", "dynamic_share"]
     assert headers["cag"][:7] == ["iteration", "loss", "source_ce", "source_distance", "target_distance",
                                   "target_ce", "probability_ce"]
     for name in FAMILY:
-        metrics = json.loads((results / "evaluation" / f"selftrain_{name}" / "metrics.json").read_text())
-        assert 0.0 <= metrics["miou"] <= 100.0 and metrics["images"] == 12
+        assert 0.0 <= metrics[name]["miou"] <= 100.0 and metrics[name]["images"] == 12
 
 
 def test_bismap_switches_on_a_proda_variant_fail_naming_it(finished_tiny_run, tmp_path):

@@ -16,13 +16,13 @@ from tests.conftest import planned_jobs, remove_new_files, run_snakemake, seed_r
 
 CONTROLS = [
     {"name": "stm_distance", "maps": True, "stm": True, "stm_form": "distance_only", "compare_with": "stm_maps"},
-    {"name": "stm_entropy", "maps": True, "stm": True, "stm_form": "entropy_only", "compare_with": "stm_maps"},
+    # a control with overrides too: a tuning trial's settings reach its checkpoint (one job fewer than its own)
+    {"name": "stm_entropy", "maps": True, "stm": True, "stm_form": "entropy_only", "compare_with": "stm_maps",
+     "overrides": {"training": {"optimizer": {"learning_rate": 0.02}}, "sce_alpha": 0.5}},
     {"name": "stm_class_mean", "maps": True, "stm": True, "stm_form": "class_mean", "compare_with": "stm_maps"},
     {"name": "stm_confidence", "stm": True, "labels": "confidence_matched", "compare_with": "stm_maps"},
     {"name": "stm_cas", "stm": True, "labels": "cas_matched", "compare_with": "stm_maps"},
     {"name": "cag_trial", "method": "cag", "overrides": {"cag": {"margin": 0.0}}},
-    {"name": "stm_trial", "stm": True, "overrides": {"training": {"optimizer": {"learning_rate": 0.02}},
-                                                     "sce_alpha": 0.5}},
     {"name": "memory_trial", "maps": True, "consistency": True, "overrides": {"ema_decay": {"memory": 2.0}}},
 ]
 
@@ -54,8 +54,9 @@ def test_coverage_threshold_keeps_the_share_asked_for():
 
 @pytest.fixture(scope="module")
 def controls_run(finished_tiny_run, tmp_path_factory):
-    """The shared tiny run with the controls and three trials added, planned and then run; afterwards their
-    files are removed and the shared run's own config runs again (its reports), so later tests find it as it was."""
+    """The shared tiny run with the controls and two trials added (a third rides on a control), planned and then
+    run; afterwards their files are removed and the shared run's own config runs again (its reports), so later
+    tests find it as it was."""
     workdir, configfile = finished_tiny_run
     config = yaml.safe_load(configfile.read_text())
     config["selftrain"]["variants"] += CONTROLS
@@ -70,8 +71,8 @@ def controls_run(finished_tiny_run, tmp_path_factory):
 
 def test_controls_plan_only_their_own_maps_labels_and_runs(controls_run):
     _, plan = controls_run
-    assert plan == {"stm_control_weights": 6, "pseudo_labels": 4, "variant_anchor_labels": 2, "selftrain": 8,
-                    "evaluate": 8, "qualitative_figure": 1, "report": 1, "report_seeds": 1, "all": 1}
+    assert plan == {"stm_control_weights": 6, "pseudo_labels": 4, "variant_anchor_labels": 2, "selftrain": 7,
+                    "evaluate": 7, "qualitative_figure": 1, "report": 1, "report_seeds": 1, "all": 1}
 
 
 def test_control_maps_are_the_forms_of_the_eq9_map(controls_run):
@@ -107,8 +108,8 @@ def test_matched_labels_cover_the_share_of_the_maps_labels(controls_run):
 
 def test_trials_train_with_their_overrides_and_resolved_memory(controls_run):
     checkpoints = seed_results(controls_run[0] / "results") / "checkpoints"
-    trial = torch.load(checkpoints / "selftrain_stm_trial.pt", weights_only=False)["settings"]["selftrain"]
-    plain = torch.load(checkpoints / "selftrain_stm.pt", weights_only=False)["settings"]["selftrain"]
+    trial = torch.load(checkpoints / "selftrain_stm_entropy.pt", weights_only=False)["settings"]["selftrain"]
+    plain = torch.load(checkpoints / "selftrain_stm_maps.pt", weights_only=False)["settings"]["selftrain"]
     assert trial["training"]["optimizer"]["learning_rate"] == 0.02 and trial["sce_alpha"] == 0.5
     assert plain["training"]["optimizer"]["learning_rate"] == 0.01 and plain["sce_alpha"] == 0.1  # the tiny config's
     memory = torch.load(checkpoints / "selftrain_memory_trial.pt", weights_only=False)["settings"]["selftrain"]

@@ -20,11 +20,13 @@ from tests.real_fixtures import make_cityscapes, make_gta5
 CLASSES = 11
 TARGET_IMAGES = 12  # tiny_config's target_train count
 # the MAPs labels and their report, then the three self-training variants with MAPs (stm_maps, consistency,
-# bismap), the teacher labels (merged with the MAPs ones: 2 merges) and the distillation, their evaluations and
+# bismap), the teacher labels of both distillation stages (merged with the MAPs ones: 3 merges) and the two
+# distillation stages, their evaluations and
 # the report
-DOWNSTREAM_OF_PROTOTYPES = {"merge_class_gmms": 1, "pseudo_labels": 2, "merge_pseudo_labels": 2,
+DOWNSTREAM_OF_PROTOTYPES = {"merge_class_gmms": 1, "pseudo_labels": 2, "merge_pseudo_labels": 3,
                             "pseudo_label_report": 1, "selftrain": 3, "selftrain_round": 1, "round_pseudo_labels": 2,
-                            "teacher_pseudo_labels": 2, "distill": 1, "evaluate": 5, "qualitative_figure": 1, "report": 1, "report_seeds": 1, "all": 1}
+                            "teacher_pseudo_labels": 2, "distill_stage": 1, "stage_teacher_pseudo_labels": 2,
+                            "distill": 1, "evaluate": 6, "qualitative_figure": 1, "report": 1, "report_seeds": 1, "all": 1}
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -91,8 +93,9 @@ def test_editing_shard_count_relabels_but_keeps_prototypes_and_report(finished_t
     config["maps"]["shards"] = 3
     jobs = planned_jobs(run_snakemake(workdir, write_config(tmp_path / "edited.yaml", config), "-n").stdout)
     # MAPs and baseline labels on 3 shards, every variant (its label folders changed), the teacher's labels
-    assert jobs == {"pseudo_labels": 6, "merge_pseudo_labels": 3, "selftrain": 5, "selftrain_round": 1,
-                    "round_pseudo_labels": 3, "teacher_pseudo_labels": 3, "distill": 1, "evaluate": 7, "qualitative_figure": 1, "report": 1, "report_seeds": 1, "all": 1}
+    assert jobs == {"pseudo_labels": 6, "merge_pseudo_labels": 4, "selftrain": 5, "selftrain_round": 1,
+                    "round_pseudo_labels": 3, "teacher_pseudo_labels": 3, "distill_stage": 1,
+                    "stage_teacher_pseudo_labels": 3, "distill": 1, "evaluate": 8, "qualitative_figure": 1, "report": 1, "report_seeds": 1, "all": 1}
 
 
 def test_two_shard_workflow_labels_equal_one_shard_labels(finished_tiny_run, tmp_path):

@@ -91,14 +91,17 @@ def test_paper_config_plans_gpu_jobs_and_gpa(source, dataset_roots, tmp_path):
     config["oracle"]["enabled"] = True  # to check that the target oracle is not stylized
     result = run_snakemake(tmp_path, write_config(tmp_path / "paper.yaml", config), "-n")
     jobs = planned_jobs(result.stdout)
-    adaptation = {"selftrain": 1, "teacher_pseudo_labels": 4, "distill": 1, "qualitative_figure": 1}
-    assert jobs == {"index_dataset": 3, "gpa_statistics": 1, "warmup": 1, "oracle": 1, "evaluate": 4,
+    # two distillation stages (distill.stages: 2), each labelling target-train in 4 shards
+    adaptation = {"selftrain": 1, "teacher_pseudo_labels": 4, "distill_stage": 1, "stage_teacher_pseudo_labels": 4,
+                  "distill": 1, "qualitative_figure": 1}
+    assert jobs == {"index_dataset": 3, "gpa_statistics": 1, "warmup": 1, "oracle": 1, "evaluate": 5,
                     "report": 1, "extract_source_features": 1, "fit_class_gmm": 19, "merge_class_gmms": 1,
-                    "pseudo_labels": 4, "merge_pseudo_labels": 2, "report_seeds": 1, "all": 1, **STM_STAGES,
+                    "pseudo_labels": 4, "merge_pseudo_labels": 3, "report_seeds": 1, "all": 1, **STM_STAGES,
                     **adaptation}
     for rule in ("warmup", "evaluate", "oracle", "extract_source_features", "pseudo_labels",
                  "extract_target_embeddings", "class_entropy", "source_distance_statistics", "source_transferability",
-                 "selftrain", "teacher_pseudo_labels", "distill", "qualitative_figure"):
+                 "selftrain", "teacher_pseudo_labels", "distill_stage", "stage_teacher_pseudo_labels", "distill",
+                 "qualitative_figure"):
         assert re.search(r"resources: .*\bgpu=1\b", job_block(result.stdout, rule)), rule
     assert not re.search(r"resources: .*\bgpu=1\b", job_block(result.stdout, "target_prototypes"))
     assert str(embedding) in job_block(result.stdout, "extract_target_embeddings").split("\n")[0]

@@ -18,17 +18,18 @@ from tests.conftest import planned_jobs, run_snakemake, seed_results, tiny_confi
 STM_STAGES = {"extract_target_embeddings": 1, "target_prototypes": 1, "class_entropy": 1,
               "source_distance_statistics": 2, "source_transferability": 2, "merge_source_transferability": 1}
 # MAPs (rules/maps.smk): 11 class GMMs in 2 jobs (maps.gmm_jobs); the MAPs and the baseline's confidence
-# labels, 2 shards each; merges of maps, baseline, teacher
+# labels, 2 shards each; merges of maps, baseline and the two distillation stages' teacher labels
 MAPS_STAGES = {"extract_source_features": 1, "fit_class_gmm": 2, "merge_class_gmms": 1, "pseudo_labels": 4,
-               "merge_pseudo_labels": 3, "pseudo_label_report": 1}
+               "merge_pseudo_labels": 4, "pseudo_label_report": 1}
 # Self-training (5 variants; bismap in 2 rounds, the first labelling target-train in 2 shards for the second),
-# distillation and the reports of the seed and over the seeds: 8 evaluations (warmup, 5 variants, bismap's
-# first round, distill)
+# two distillation stages (each labelling target-train in 2 shards) and the reports of the seed and over the
+# seeds: 9 evaluations (warmup, 5 variants, bismap's first round, the 2 distillation stages)
 ADAPTATION_STAGES = {"selftrain": 5, "selftrain_round": 1, "round_pseudo_labels": 2, "teacher_pseudo_labels": 2,
-                     "distill": 1, "evaluate": 8, "qualitative_figure": 1, "report": 1, "report_seeds": 1}
+                     "distill_stage": 1, "stage_teacher_pseudo_labels": 2, "distill": 1, "evaluate": 9,
+                     "qualitative_figure": 1, "report": 1, "report_seeds": 1}
 # Every job of one run seed of the tiny config
 ONE_SEED = {"make_digit_scenes": 3, "index_dataset": 3, "warmup": 1, "oracle": 1, **MAPS_STAGES, **STM_STAGES,
-            **ADAPTATION_STAGES, "evaluate": 9}
+            **ADAPTATION_STAGES, "evaluate": 10}
 
 
 def test_end_to_end_writes_metrics_and_report(finished_tiny_run):
@@ -118,7 +119,7 @@ def test_report_over_one_seed_and_a_benchmark_for_every_job(finished_tiny_run):
         assert aggregate["models"][model]["miou"] == {"mean": seed[model]["miou"], "std": None, "ci95": None,
                                                       "values": [seed[model]["miou"]]}
         assert aggregate["models"][model]["per_class_iou"]["7"]["mean"] == seed[model]["per_class_iou"]["7"]
-    assert aggregate["components"]["distill"]["distillation"] is True
+    assert aggregate["components"]["distill"]["distillation"] == 2  # stages
     # one benchmark file per job of the seed (the dry run of a fresh results folder plans them all)
     files = sorted(path.stem for path in (seed_results(results) / "benchmarks").glob("*.tsv"))
     stages = aggregate["stage_times"]["stages"]

@@ -18,14 +18,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Subset
-from bismap.progress import tqdm
+from torch.utils.data import DataLoader
 
-from bismap.data.loading import Manifest, SegmentationDataset
 from bismap.labels.gmm import torch_dtype
-from bismap.labels.strategies import (PseudoLabelSettings, strategy_prototypes, assign_cas, assign_confidence,
-                                      network_outputs, outputs_at_image_size, shard_indices)
-from bismap.training.checkpoint import load_model
+from bismap.labels.strategies import (PseudoLabelSettings, assign_cas, assign_confidence, network_outputs,
+                                      open_labelling_shard, outputs_at_image_size)
+from bismap.progress import tqdm
 
 logger = logging.getLogger(__name__)
 
@@ -53,20 +51,17 @@ def match_coverage(checkpoint_path: str | Path, manifest_path: str | Path, proto
                    settings: PseudoLabelSettings, coverage: float, shard_index: int, shard_count: int,
                    device: torch.device) -> PseudoLabelSettings:
     """``settings`` with the confidence (or margin) that labels the share ``coverage`` of the shard's pixels."""
-    model, checkpoint = load_model(checkpoint_path, device)
-    model.eval()
-    prototypes = strategy_prototypes(prototypes_path, settings, list(checkpoint["class_names"]), device)
-    manifest = Manifest.load(manifest_path)
-    dataset = Subset(SegmentationDataset(manifest, labelled=False),
-                     shard_indices(len(manifest.samples), shard_index, shard_count))
+    shard = open_labelling_shard(checkpoint_path, manifest_path, prototypes_path, settings, shard_index, shard_count,
+                                 device)
+    centroids = shard.prototypes.centroids if shard.prototypes else None
     sampled = []
-    for item in tqdm(DataLoader(dataset, batch_size=None, num_workers=settings.workers), desc="coverage scores",
+    for item in tqdm(DataLoader(shard.dataset, batch_size=None, num_workers=settings.workers), desc="coverage scores",
                      unit="img"):
         image = item["image"][None].to(device)  # (1, 3, H, W)
-        logits, features = network_outputs(model, image, settings.flip_average)  # (K, h, w), (D, h, w)
+        logits, features = network_outputs(shard.model, image, settings.flip_average)  # (K, h, w), (D, h, w)
         if settings.resolution == "image":
             logits, features = outputs_at_image_size(logits, features, tuple(image.shape[-2:]))
-        scores = pixel_scores(logits, features, settings, prototypes.centroids if prototypes else None)
+        scores = pixel_scores(logits, features, settings, centroids)
         sampled.append(scores[:: max(1, scores.numel() // SCORES_PER_IMAGE)].double().cpu())
     threshold = coverage_threshold(torch.cat(sampled).numpy(), coverage)
     logger.info("%s labels at coverage %.3f: threshold %.5g", settings.strategy, coverage, threshold)

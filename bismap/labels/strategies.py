@@ -292,6 +292,34 @@ def shard_indices(count: int, shard_index: int, shard_count: int) -> list[int]:
     return list(range(shard_index, count, shard_count))
 
 
+@dataclass(frozen=True)
+class LabellingShard:
+    """What a pass over one shard of target images needs: the model in eval mode, its class names, the
+    strategy's prototypes, the manifest and the shard's images."""
+
+    model: torch.nn.Module
+    class_names: list[str]
+    prototypes: ClassPrototypes | None
+    manifest: Manifest
+    dataset: Subset
+    labelled: bool  # the items carry their true labels (for statistics only)
+
+
+def open_labelling_shard(checkpoint_path: str | Path, manifest_path: str | Path, prototypes_path: str | Path | None,
+                         settings: PseudoLabelSettings, shard_index: int, shard_count: int, device: torch.device,
+                         with_truth: bool = False) -> LabellingShard:
+    """Load the model and prototypes and select the shard's images; ``with_truth``: with their labels where every
+    image of the manifest has one."""
+    model, checkpoint = load_model(checkpoint_path, device)
+    class_names = list(checkpoint["class_names"])
+    prototypes = strategy_prototypes(prototypes_path, settings, class_names, device)
+    manifest = Manifest.load(manifest_path)
+    labelled = with_truth and all(sample.label is not None for sample in manifest.samples)
+    dataset = Subset(SegmentationDataset(manifest, labelled=labelled),
+                     shard_indices(len(manifest.samples), shard_index, shard_count))
+    return LabellingShard(model.eval(), class_names, prototypes, manifest, dataset, labelled)
+
+
 @torch.no_grad()
 def label_images(checkpoint_path: str | Path, manifest_path: str | Path, prototypes_path: str | Path | None,
                  output_dir: str | Path, shard_index: int, shard_count: int, settings: PseudoLabelSettings,
@@ -300,27 +328,22 @@ def label_images(checkpoint_path: str | Path, manifest_path: str | Path, prototy
     if settings.match_coverage:
         raise ValueError("pseudo-label settings with match_coverage need their threshold first "
                          "(bismap.labels.coverage.match_coverage)")
-    model, checkpoint = load_model(checkpoint_path, device)
-    model.eval()
-    class_names = list(checkpoint["class_names"])
-    prototypes = strategy_prototypes(prototypes_path, settings, class_names, device)
-    thresholds = resolve_thresholds(settings, prototypes) if settings.strategy == "maps" else None
-    manifest = Manifest.load(manifest_path)
-    has_truth = all(sample.label is not None for sample in manifest.samples)
-    dataset = Subset(SegmentationDataset(manifest, labelled=has_truth),
-                     shard_indices(len(manifest.samples), shard_index, shard_count))
-    loader = DataLoader(dataset, batch_size=None, num_workers=settings.workers)
-    statistics = LabelStatistics(class_names)
+    shard = open_labelling_shard(checkpoint_path, manifest_path, prototypes_path, settings, shard_index, shard_count,
+                                 device, with_truth=True)
+    thresholds = resolve_thresholds(settings, shard.prototypes) if settings.strategy == "maps" else None
+    loader = DataLoader(shard.dataset, batch_size=None, num_workers=settings.workers)
+    statistics = LabelStatistics(shard.class_names)
     for item in tqdm(loader, desc=f"pseudo-labels {shard_index + 1}/{shard_count}", unit="img"):
         image = item["image"][None].to(device)  # one image at a time: shard-independent results
-        logits, features = network_outputs(model, image, settings.flip_average)  # (K, h, w), (D, h, w)
-        labels = image_labels(logits, features, tuple(image.shape[-2:]), settings, prototypes, thresholds)  # (H, W)
-        write_png(Path(output_dir) / f"{manifest.samples[item['index']].name}.png", labels)
-        statistics.add(labels, item["label"].numpy() if has_truth else None)
-    result = statistics.as_dict(has_truth)
+        logits, features = network_outputs(shard.model, image, settings.flip_average)  # (K, h, w), (D, h, w)
+        labels = image_labels(logits, features, tuple(image.shape[-2:]), settings, shard.prototypes,
+                              thresholds)  # (H, W)
+        write_png(Path(output_dir) / f"{shard.manifest.samples[item['index']].name}.png", labels)
+        statistics.add(labels, item["label"].numpy() if shard.labelled else None)
+    result = statistics.as_dict(shard.labelled)
     result.update(strategy=settings.strategy, shard_index=shard_index, shard_count=shard_count)
     if statistics_path is not None:
         write_json(statistics_path, result)
-    logger.info("shard %d/%d: %d images, PL ratio %.3f", shard_index + 1, shard_count, len(dataset),
+    logger.info("shard %d/%d: %d images, PL ratio %.3f", shard_index + 1, shard_count, len(shard.dataset),
                 result["pl_ratio"])
     return result

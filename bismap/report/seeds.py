@@ -92,6 +92,8 @@ def control_table(summaries: Mapping[Any, Mapping[str, Any]], controls: Mapping[
 def _change(name: str, before: bool | int | None, after: bool | int | None) -> str:
     if name == "rounds":
         return f"rounds {before or 0} → {after or 0}" if before else "self-training"
+    if name == "distillation" and before and after:
+        return f"distillation stages {int(before)} → {int(after)}"
     return COMPONENT_TITLES[name] if after else f"no {COMPONENT_TITLES[name]}"
 
 

@@ -26,19 +26,21 @@ from bismap.provenance import provenance_table
 
 logger = logging.getLogger(__name__)
 
-# Component columns in pipeline order, with their titles; "rounds" counts self-training rounds, the others are on/off.
+# Component columns in pipeline order, with their titles; "rounds" counts self-training rounds and "distillation"
+# distillation stages (COUNTED), the others are on/off.
 COMPONENTS = ("maps", "stm", "consistency", "alignment", "rounds", "distillation")
 COMPONENT_TITLES = {"maps": "MAPs", "stm": "STM", "consistency": "consistency", "alignment": "alignment",
                     "rounds": "rounds", "distillation": "distillation"}
+COUNTED = ("rounds", "distillation")
 COMPONENT_HEADER = "| model | " + " | ".join(COMPONENT_TITLES[name] for name in COMPONENTS) + " |"
 
 
 def component_cells(used: Mapping[str, bool | int]) -> str:
-    """One row's component cells: ✓ for each component it uses, and its number of self-training rounds."""
+    """One row's component cells: ✓ for each component it uses, its self-training rounds and distillation stages."""
     cells = []
     for name in COMPONENTS:
         value = used.get(name)
-        cells.append((str(value) if name == "rounds" else "✓") if value else "")
+        cells.append((str(int(value)) if name in COUNTED else "✓") if value else "")
     return " | ".join(cells)
 
 
