@@ -355,7 +355,7 @@ def selftrain_enabled():
 
 # The selftrain keys each family method reads (its *TrainSettings dataclass).
 METHOD_SETTINGS = {"proda": ("training", "proda", "strong_augment"), "cpsl": ("training", "cpsl", "strong_augment"),
-                   "contrastive": ("training", "contrastive"), "cag": ("training", "cag")}
+                   "contrastive": ("training", "contrastive", "baseline_pseudo_labels"), "cag": ("training", "cag")}
 VARIANT_DEFAULTS = {"method": "bismap", "maps": False, "stm": False, "consistency": False, "alignment": False,
                     "rounds": 1, "stm_form": "eq9", "labels": None, "overrides": {}, "compare_with": None}
 # Controls of BiSMAP's components (issue: each component isolated): the STM map's form, and the label sets

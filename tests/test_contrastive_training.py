@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from bismap.methods.contrastive import ContrastiveSettings
 from bismap.methods.prototypes import class_centroids, labels_at_feature_size
@@ -73,7 +77,10 @@ def test_resume_after_interruption_matches_uninterrupted_run(data, tmp_path, mon
     folder = data["folder"]
     inputs = ContrastiveInputs(folder / "warmup.pt", folder / "source.json", folder / "target_train.json",
                                data["labels"])
-    settings = ContrastiveTrainSettings(training=TRAINING)
+    # y_F renewed after steps 2 and 4 of 6; the run dies in step 6, after both renewals: its resume from the state
+    # of step 4 takes the labels renewed at 2 from the state folder and renews again at 4
+    settings = ContrastiveTrainSettings(training=dataclasses.replace(TRAINING, iterations=6),
+                                        contrastive=ContrastiveSettings(static_label_interval=2))
 
     def train(name: str) -> dict:
         paths = RunPaths(tmp_path / name / "model.pt", tmp_path / name / "loss.tsv", tmp_path / name / "state.pt")
@@ -82,7 +89,7 @@ def test_resume_after_interruption_matches_uninterrupted_run(data, tmp_path, mon
 
     reference = train("reference")
     original = ContrastiveStep.__call__
-    monkeypatch.setattr(ContrastiveStep, "__call__", dies_on_call(original, 4))  # after the state of iteration 2
+    monkeypatch.setattr(ContrastiveStep, "__call__", dies_on_call(original, 6))  # after the state of iteration 4
     with pytest.raises(KeyboardInterrupt):
         train("resumed")
     monkeypatch.setattr(ContrastiveStep, "__call__", original)
@@ -139,3 +146,39 @@ def test_prototype_gradient_changes_the_update_not_the_loss(data):  # noqa: F811
     assert results[0][0] == pytest.approx(results[1][0], rel=1e-6)
     assert torch.isfinite(results[0][1]).all()
     assert not torch.allclose(results[0][1], results[1][1], rtol=0, atol=1e-9)
+
+
+def renewal_run(data: dict, folder, interval: int, monkeypatch) -> tuple[dict, list]:  # noqa: F811
+    """A 4-iteration run renewing y_F every ``interval`` iterations; its weights and what each renewal labelled."""
+    from bismap.training import static_labels
+
+    renewals = []
+    original = static_labels.renew_static_labels
+
+    def recording(run, settings, renewed, device):
+        result = original(run, settings, renewed, device)
+        pngs = {name: np.array(Image.open(path)) for name, path in result.label_paths.items()}
+        renewals.append((renewed.name, run.model.training, pngs))
+        return result
+
+    monkeypatch.setattr(static_labels, "renew_static_labels", recording)
+    inputs = ContrastiveInputs(data["folder"] / "warmup.pt", data["folder"] / "source.json",
+                               data["folder"] / "target_train.json", data["labels"])
+    settings = ContrastiveTrainSettings(training=TRAINING, contrastive=ContrastiveSettings(static_label_interval=interval))
+    paths = RunPaths(folder / "model.pt", folder / "loss.tsv", folder / ".state" / "run.pt")
+    contrastive_train(inputs, paths, settings, torch.device("cpu"), run_settings={})
+    assert not (folder / ".state" / "run_static_labels").exists()  # resume state only: removed with the state
+    return load_model(paths.checkpoint)[0].state_dict(), renewals
+
+
+def test_static_labels_are_renewed_every_interval_by_the_model_in_training(data, tmp_path, monkeypatch):  # noqa: F811
+    """Interval 2 over 4 iterations: one renewal after 2 steps (eval-mode labels, then back to training), and
+    the run differs from one whose interval is longer than the run (no renewal: its own batches unchanged)."""
+    renewed, renewals = renewal_run(data, tmp_path / "renewed", 2, monkeypatch)
+    plain, none = renewal_run(data, tmp_path / "plain", 4, monkeypatch)
+    assert none == [] and [(name, training) for name, training, _ in renewals] == [("iteration_2", True)]
+    labels = np.stack(list(renewals[0][2].values()))  # (images, H, W)
+    initial = np.stack([np.array(Image.open(path)) for folder in data["labels"] for path in sorted(folder.glob("*.png"))])
+    assert labels.shape == initial.shape and set(np.unique(labels)) <= set(range(11)) | {255}
+    assert not np.array_equal(labels, initial)
+    assert any(not torch.equal(renewed[key], plain[key]) for key in plain)

@@ -321,6 +321,23 @@ def open_labelling_shard(checkpoint_path: str | Path, manifest_path: str | Path,
 
 
 @torch.no_grad()
+def label_shard(shard: LabellingShard, settings: PseudoLabelSettings, output_dir: str | Path, device: torch.device,
+                description: str) -> dict[str, Any]:
+    """Write ``<output_dir>/<sample name>.png`` for the shard's images with ``shard.model``; return its statistics."""
+    thresholds = resolve_thresholds(settings, shard.prototypes) if settings.strategy == "maps" else None
+    # its own generator: labelling draws nothing from the global RNG (a training run labels mid-run)
+    loader = DataLoader(shard.dataset, batch_size=None, num_workers=settings.workers, generator=torch.Generator())
+    statistics = LabelStatistics(shard.class_names)
+    for item in tqdm(loader, desc=description, unit="img"):
+        image = item["image"][None].to(device)  # one image at a time: shard-independent results
+        logits, features = network_outputs(shard.model, image, settings.flip_average)  # (K, h, w), (D, h, w)
+        labels = image_labels(logits, features, tuple(image.shape[-2:]), settings, shard.prototypes,
+                              thresholds)  # (H, W)
+        write_png(Path(output_dir) / f"{shard.manifest.samples[item['index']].name}.png", labels)
+        statistics.add(labels, item["label"].numpy() if shard.labelled else None)
+    return statistics.as_dict(shard.labelled)
+
+
 def label_images(checkpoint_path: str | Path, manifest_path: str | Path, prototypes_path: str | Path | None,
                  output_dir: str | Path, shard_index: int, shard_count: int, settings: PseudoLabelSettings,
                  device: torch.device, statistics_path: str | Path | None = None) -> dict[str, Any]:
@@ -330,17 +347,7 @@ def label_images(checkpoint_path: str | Path, manifest_path: str | Path, prototy
                          "(bismap.labels.coverage.match_coverage)")
     shard = open_labelling_shard(checkpoint_path, manifest_path, prototypes_path, settings, shard_index, shard_count,
                                  device, with_truth=True)
-    thresholds = resolve_thresholds(settings, shard.prototypes) if settings.strategy == "maps" else None
-    loader = DataLoader(shard.dataset, batch_size=None, num_workers=settings.workers)
-    statistics = LabelStatistics(shard.class_names)
-    for item in tqdm(loader, desc=f"pseudo-labels {shard_index + 1}/{shard_count}", unit="img"):
-        image = item["image"][None].to(device)  # one image at a time: shard-independent results
-        logits, features = network_outputs(shard.model, image, settings.flip_average)  # (K, h, w), (D, h, w)
-        labels = image_labels(logits, features, tuple(image.shape[-2:]), settings, shard.prototypes,
-                              thresholds)  # (H, W)
-        write_png(Path(output_dir) / f"{shard.manifest.samples[item['index']].name}.png", labels)
-        statistics.add(labels, item["label"].numpy() if shard.labelled else None)
-    result = statistics.as_dict(shard.labelled)
+    result = label_shard(shard, settings, output_dir, device, f"pseudo-labels {shard_index + 1}/{shard_count}")
     result.update(strategy=settings.strategy, shard_index=shard_index, shard_count=shard_count)
     if statistics_path is not None:
         write_json(statistics_path, result)

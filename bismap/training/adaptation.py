@@ -182,13 +182,19 @@ class AdaptationRun:
 
 
 def train_and_save(run: AdaptationRun, make_step: Callable[[torch.nn.Module], StepFunction],
-                   context: DistributedContext) -> None:
-    """Resume if a matching state exists, wrap the model (DDP, SyncBN), train, and (rank 0) save it."""
+                   context: DistributedContext,
+                   make_batches: Callable[[int], Iterator[tuple[Batch, Batch]]] | None = None) -> None:
+    """Resume if a matching state exists, wrap the model (DDP, SyncBN), train, and (rank 0) save it.
+
+    ``make_batches(start)``: the paired batches from iteration ``start`` when a method changes its data during
+    the run (the contrastive method renews its static labels); by default ``paired_batches``.
+    """
     state = LoopState(run.modules)
     state.restore(run.paths.state, run.run_id, context, run.settings.seed)  # before DDP: keys without "module."
     network = wrap_model(run.model, context)  # SyncBN + DDP with several processes, else the model itself
     network.train()
-    batches = paired_batches(run.source, run.target, run.settings, state.iteration, context)
+    batches = make_batches(state.iteration) if make_batches else \
+        paired_batches(run.source, run.target, run.settings, state.iteration, context)
     run_loop(make_step(network), batches, run.optimizer, run.settings, state, run.paths, run.run_id, context)
     if context.is_main:
         provenance = run_provenance(run.settings.batch_size, run.settings.optimizer.learning_rate,

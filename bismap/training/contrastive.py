@@ -26,8 +26,9 @@ changes. On the development seed, L^T_seg on y_T fell to 18.4 mIoU from a
 classifier on its own nearest-prototype guesses.
 
 The static labels y_F are pseudo-label files made by the warmup (the
-``baseline`` label set: softmax confidence, standing in for CBST [58]); the
-paper renews them every 10k iterations, longer than a run here. With
+``baseline`` label set: softmax confidence, standing in for CBST [58]); as the
+paper, the run renews them every ``static_label_interval`` iterations with the
+model it is training (``bismap.training.static_labels``). With
 ``prototype_scope`` "pair" (the paper's and the public code's pairs) source
 image i and target image i make a pair with their own prototypes; "batch"
 makes one pair of the whole batch. With ``prototype_gradient`` (the public
@@ -47,6 +48,7 @@ import torch
 
 from bismap.data.samples import IGNORE_INDEX
 from bismap.io import shard_png_paths
+from bismap.labels.strategies import PseudoLabelSettings
 from bismap.losses import PixelLosses, weighted_cross_entropy_pixels
 from bismap.methods.contrastive import (ContrastiveSettings, backward_contrastive_pixels, calibrated_prototypes,
                                         dynamic_pseudo_labels, entropy_pixels, forward_contrastive_pixels,
@@ -57,6 +59,7 @@ from bismap.training.adaptation import (AdaptationRun, Batch, DomainData, image_
 from bismap.training.checkpoint import fingerprint, input_signature
 from bismap.training.distributed import DistributedContext
 from bismap.training.optim import make_optimizer
+from bismap.training.static_labels import remove_renewals, renewal_folder, renewing_batches
 from bismap.training.supervised import RunPaths, TrainSettings
 
 logger = logging.getLogger(__name__)
@@ -66,6 +69,9 @@ logger = logging.getLogger(__name__)
 class ContrastiveTrainSettings:
     training: TrainSettings
     contrastive: ContrastiveSettings = field(default_factory=ContrastiveSettings)
+    # the strategy of the static labels y_F (the baseline label set), with which the run renews them
+    baseline_pseudo_labels: PseudoLabelSettings = field(
+        default_factory=lambda: PseudoLabelSettings(strategy="confidence", confidence=0.9))
 
 
 @dataclass(frozen=True)
@@ -207,5 +213,9 @@ def _contrastive_train(context: DistributedContext, job: tuple[ContrastiveInputs
                         DomainData(inputs.source_manifest), target, settings.training, paths,
                         fingerprint(run_settings, input_signature(inputs)),
                         class_names, run_settings)
+    folder = renewal_folder(paths.state)  # y_F renewed every static_label_interval iterations (Sec. 4.1)
+    make_batches = renewing_batches(run, settings.baseline_pseudo_labels, settings.contrastive.static_label_interval,
+                                    folder, context)
     train_and_save(run, lambda network: ContrastiveStep(network, momentum, optimizer, settings.contrastive, context),
-                   context)
+                   context, make_batches)
+    remove_renewals(folder)

@@ -1,0 +1,98 @@
+"""Renewal of the contrastive method's static labels y_F (paper 003, Sec. 4.1: renewed every 10,000 iterations).
+
+The static labels start as the baseline label files (the warmup's confident
+predictions, made by rule pseudo_labels). Every ``static_label_interval``
+iterations the model being trained labels target-train again with the same
+strategy (``baseline_pseudo_labels``), and the target loader restarts on the
+new files at the same place of its batch sequence: a run whose renewals never
+fire is the run without renewals, batch for batch. The renewed files are resume
+state, not outputs: they live next to the run's state file, a resumed run finds
+those made before its state and redoes the one at its own iteration, and the
+folder is removed once the checkpoint is written.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from collections.abc import Callable, Iterator
+from itertools import islice
+from pathlib import Path
+
+import torch
+from torch.utils.data import Subset
+
+from bismap.data.loading import Manifest, SegmentationDataset
+from bismap.io import atomic_directory, shard_png_paths
+from bismap.labels.strategies import LabellingShard, PseudoLabelSettings, label_shard
+from bismap.training.adaptation import AdaptationRun, Batch, DomainData, paired_batches
+from bismap.training.distributed import DistributedContext
+
+logger = logging.getLogger(__name__)
+
+
+def renewal_iterations(interval: int, iterations: int) -> list[int]:
+    """The iterations after which y_F is renewed: every ``interval``, before the run's end."""
+    return list(range(interval, iterations, interval))
+
+
+def renewal_folder(state_path: Path) -> Path:
+    """Where a run keeps its renewed static labels: beside its resume state, e.g. .state/selftrain_x_static_labels/."""
+    return state_path.parent / f"{state_path.stem}_static_labels"
+
+
+def renew_static_labels(run: AdaptationRun, settings: PseudoLabelSettings, folder: Path,
+                        device: torch.device) -> DomainData:
+    """Label target-train with the model as it is now (eval mode) into ``folder``; the target data on those labels."""
+    if settings.strategy != "confidence":
+        raise ValueError(f"contrastive static labels are renewed with strategy 'confidence', not '{settings.strategy}'"
+                         " (selftrain.baseline_pseudo_labels)")
+    manifest = Manifest.load(run.target.manifest_path)
+    dataset = Subset(SegmentationDataset(manifest, labelled=False), range(len(manifest.samples)))
+    run.model.eval()
+    try:
+        with atomic_directory(folder) as temporary:
+            statistics = label_shard(LabellingShard(run.model, run.class_names, None, manifest, dataset, False),
+                                     settings, temporary, device, f"static labels ({folder.name})")
+    finally:
+        run.model.train()
+    logger.info("static labels renewed (%s): PL ratio %.3f", folder.name, statistics["pl_ratio"])
+    return DomainData(run.target.manifest_path, label_paths=shard_png_paths([folder], "renewed static label"))
+
+
+def renewing_batches(run: AdaptationRun, settings: PseudoLabelSettings, interval: int, folder: Path,
+                     context: DistributedContext) -> Callable[[int], Iterator[tuple[Batch, Batch]]]:
+    """``make_batches`` for ``train_and_save``: paired batches from ``start``, y_F renewed at each renewal iteration.
+
+    The generator is lazy: it renews when the loop asks for the first batch after a renewal iteration, that is
+    after that many optimiser steps.
+    """
+    points = renewal_iterations(interval, run.settings.iterations)
+
+    def batches(start: int) -> Iterator[tuple[Batch, Batch]]:
+        target, position = _target_at(run, folder, points, start), start
+        while position < run.settings.iterations:
+            if position in points:
+                target = renew_static_labels(run, settings, folder / f"iteration_{position}", context.device)
+            stop = min([point for point in points if point > position] + [run.settings.iterations])
+            yield from islice(paired_batches(run.source, target, run.settings, position, context), stop - position)
+            position = stop
+
+    return batches
+
+
+def _target_at(run: AdaptationRun, folder: Path, points: list[int], start: int) -> DomainData:
+    """The target data a run (re)starting at ``start`` trains on: the last renewal before it, else the initial y_F."""
+    earlier = [point for point in points if point < start]
+    if not earlier:
+        return run.target
+    renewed = folder / f"iteration_{earlier[-1]}"
+    if not renewed.is_dir():
+        raise FileNotFoundError(f"the resume state {run.paths.state} (iteration {start}) needs the static labels "
+                                f"renewed at iteration {earlier[-1]} in {renewed}; delete the state to start over")
+    return DomainData(run.target.manifest_path, label_paths=shard_png_paths([renewed], "renewed static label"))
+
+
+def remove_renewals(folder: Path) -> None:
+    """Once the checkpoint is written the renewed labels are no longer needed to resume."""
+    shutil.rmtree(folder, ignore_errors=True)
