@@ -21,8 +21,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from bismap.labels.gmm import torch_dtype
-from bismap.labels.strategies import (PseudoLabelSettings, assign_cas, assign_confidence, network_outputs,
-                                      open_labelling_shard, outputs_at_image_size)
+from bismap.labels.strategies import (LabellingShard, PseudoLabelSettings, assign_cas, assign_confidence,
+                                      network_outputs, open_labelling_shard, outputs_at_image_size)
 from bismap.progress import tqdm
 
 logger = logging.getLogger(__name__)
@@ -53,10 +53,17 @@ def match_coverage(checkpoint_path: str | Path, manifest_path: str | Path, proto
     """``settings`` with the confidence (or margin) that labels the share ``coverage`` of the shard's pixels."""
     shard = open_labelling_shard(checkpoint_path, manifest_path, prototypes_path, settings, shard_index, shard_count,
                                  device)
+    return shard_coverage_settings(shard, settings, coverage, device)
+
+
+@torch.no_grad()
+def shard_coverage_settings(shard: LabellingShard, settings: PseudoLabelSettings, coverage: float,
+                            device: torch.device) -> PseudoLabelSettings:
+    """``settings`` with the threshold that labels the share ``coverage`` of ``shard``'s pixels with its model."""
     centroids = shard.prototypes.centroids if shard.prototypes else None
     sampled = []
-    for item in tqdm(DataLoader(shard.dataset, batch_size=None, num_workers=settings.workers), desc="coverage scores",
-                     unit="img"):
+    loader = DataLoader(shard.dataset, batch_size=None, num_workers=settings.workers, generator=torch.Generator())
+    for item in tqdm(loader, desc="coverage scores", unit="img"):
         image = item["image"][None].to(device)  # (1, 3, H, W)
         logits, features = network_outputs(shard.model, image, settings.flip_average)  # (K, h, w), (D, h, w)
         if settings.resolution == "image":
