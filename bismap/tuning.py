@@ -155,14 +155,30 @@ class TuningSpace:
 
 
 def load_space(path: str | Path) -> TuningSpace:
-    """The search space file (config/tuning_space.yaml), strictly typed."""
+    """The search space file (config/tuning_space.yaml), strictly typed; trial 0 (``paper``) must name a value
+    for every dimension, so that it does not change when tuned values are frozen in config.yaml."""
     data = yaml.safe_load(Path(path).read_text())
     methods = {name: MethodSpace(dict(entry["variant"]),
                                  tuple(from_dict(Dimension, dimension, f"{path}: {name}")
                                        for dimension in entry["dimensions"]), dict(entry.get("paper") or {}))
                for name, entry in data.pop("methods").items()}
+    for name, method in methods.items():
+        missing = [dimension.setting for dimension in method.dimensions
+                   if not _has_setting(method.paper, dimension.setting)]
+        if missing:
+            raise ValueError(f"{path}: methods.{name}.paper (trial 0) gives no value for {missing}")
     data["development_seeds"] = tuple(data["development_seeds"])
     return TuningSpace(methods=methods, **data)
+
+
+def _has_setting(overrides: Mapping[str, Any], setting: str) -> bool:
+    """Whether the nested ``overrides`` hold the dotted ``setting`` (e.g. 'training.optimizer.learning_rate')."""
+    node: Any = overrides
+    for key in setting.split("."):
+        if not isinstance(node, Mapping) or key not in node:
+            return False
+        node = node[key]
+    return True
 
 
 def tuning_config(space: TuningSpace, scales: Mapping[str, float]) -> dict[str, Any]:

@@ -51,10 +51,21 @@ def test_the_shipped_space_gives_every_method_the_same_budget():
     assert len(names) == 8 * 5 and {name.rsplit("_trial_", 1)[0] for name in names} == set(space.methods)
     assert set(overlay["seeds"]).isdisjoint(range(5))  # development seeds are never report seeds
     first = overlay["selftrain"]["variants"][0]
-    assert first["name"] == "bismap_trial_0" and first["overrides"] == {"consistency_weight": 30.0, "ema_decay": 0.999}
+    assert first["name"] == "bismap_trial_0" and first["overrides"] == {
+        "training": {"optimizer": {"learning_rate": 0.01}}, "consistency_weight": 30.0, "ema_decay": 0.999,
+        "alignment_momentum": 0.99}
     shipped = yaml.safe_load((REPO / "config" / "tuning.yaml").read_text())
     scales = yaml.safe_load((REPO / "config" / "tuning_scales.yaml").read_text())
     assert shipped == tuning_config(space, scales)  # the committed trials are the ones the space generates
+
+
+def test_a_trial_zero_without_a_value_for_every_dimension_fails_naming_them(tmp_path):
+    """Left to config.yaml, trial 0 would silently become the tuned values once they are frozen there."""
+    space = yaml.safe_load((REPO / "config" / "tuning_space.yaml").read_text())
+    del space["methods"]["cag"]["paper"]["cag"]["margin"]
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump(space))
+    with pytest.raises(ValueError, match=r"methods.cag.paper \(trial 0\) gives no value for \['cag.margin'\]"):
+        load_space(tmp_path / "space.yaml")
 
 
 def test_best_trial_is_the_highest_mean_miou_of_each_method():
