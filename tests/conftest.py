@@ -45,6 +45,7 @@ def tiny_config(results: Path) -> dict:
     adaptation = {**training, "iterations": 2, "batch_size": 2, "checkpoint_interval": 1}
     config["selftrain"]["training"] = adaptation
     config["distill"]["training"] = copy.deepcopy(adaptation)
+    config["distill"]["stages"] = 2  # the default distils once (time); the tiny run exercises the stage chain
     config["report"]["qualitative_images"] = 2
     return config
 
