@@ -135,13 +135,13 @@ def evaluated_models():
     for name in selftrain_variants():
         models += [round_model(name, round_number) for round_number in range(1, variant_rounds(name))]
         models.append(f"selftrain_{name}")
-    models += [distill_model(stage) for stage in range(1, distill_stages() + 1)] if distill_enabled() else []
+    models += [distill_model(stage) for stage in distill_stage_numbers()]
     return models + (["oracle"] if oracle_enabled() else [])
 
 
 def model_checkpoint(model, seed="{seed}"):
     """The checkpoint of a report row: checkpoints/<model>.pt, or checkpoints/rounds/ for an earlier round."""
-    earlier_stages = {distill_model(stage) for stage in range(1, distill_stages())} if distill_enabled() else set()
+    earlier_stages = {distill_model(stage) for stage in distill_stage_numbers()[:-1]}
     if model in {round_model(name, round_number) for name, round_number in earlier_rounds()} | earlier_stages:
         return run_path("checkpoints", "rounds", f"{model}.pt", seed=seed)
     return run_path("checkpoints", f"{model}.pt", seed=seed)
@@ -156,9 +156,8 @@ def model_components():
         for round_number in range(1, variant_rounds(name)):
             components[round_model(name, round_number)] = {**used, "rounds": round_number}
         components[f"selftrain_{name}"] = {**used, "rounds": variant_rounds(name)}
-    if distill_enabled():  # "distillation" counts the stages, as "rounds" counts the self-training rounds
-        for stage in range(1, distill_stages() + 1):
-            components[distill_model(stage)] = {**components[f"selftrain_{distill_teacher()}"], "distillation": stage}
+    for stage in distill_stage_numbers():  # "distillation" counts the stages, as "rounds" the self-training rounds
+        components[distill_model(stage)] = {**components[f"selftrain_{distill_teacher()}"], "distillation": stage}
     return components
 
 
@@ -550,6 +549,11 @@ def distill_stages():
     return int(distill_settings().get("stages", 1))
 
 
+def distill_stage_numbers():
+    """1, ..., distill.stages when distillation is on, else none."""
+    return range(1, distill_stages() + 1) if distill_enabled() else range(0)
+
+
 def distill_model(stage):
     """Report/checkpoint name of distillation stage ``stage``: 'distill' for the last, 'distill_stage_<s>' before it."""
     return "distill" if stage == distill_stages() else f"distill_stage_{stage}"
@@ -671,7 +675,7 @@ def stage_jobs():
         jobs.update(extract_source_features=[""], merge_class_gmms=[""],
                     fit_class_gmm=[f"job_{job}" for job in range(len(gmm_job_classes()))])
     jobs["pseudo_labels"] = [f"{name}_{shard}" for name in labels for shard in shards]
-    teacher_sets = [teacher_label_set(stage) for stage in range(1, distill_stages() + 1)] if distill_enabled() else []
+    teacher_sets = [teacher_label_set(stage) for stage in distill_stage_numbers()]
     jobs["merge_pseudo_labels"] = ["maps"] * maps_summary_needed() + ["baseline"] * baseline_labels_needed() + \
         teacher_sets
     own_anchor_labels = [name for name, variant in selftrain_variants().items()
@@ -692,10 +696,10 @@ def stage_jobs():
                 stage_fit_class_gmm=[f"{name}_job_{job}" for name in stages for job in range(len(gmm_job_classes()))],
                 stage_anchor_labels=[f"{name}_{shard}" for name in stages for shard in shards])
     if distill_enabled():
-        later_stages = range(2, distill_stages() + 1)
+        numbers = distill_stage_numbers()
         jobs.update(teacher_pseudo_labels=shards, distill=[""],
-                    stage_teacher_pseudo_labels=[f"{stage}_{shard}" for stage in later_stages for shard in shards],
-                    distill_stage=[str(stage) for stage in range(1, distill_stages())])
+                    stage_teacher_pseudo_labels=[f"{stage}_{shard}" for stage in numbers[1:] for shard in shards],
+                    distill_stage=[str(stage) for stage in numbers[:-1]])
     jobs.update(evaluate=evaluated_models(), qualitative_figure=[""], report=[""])
     return {rule: names for rule, names in jobs.items() if names}
 
@@ -723,9 +727,8 @@ def seed_outputs(seed):
     # statistics (coverage, accuracy where target-train has labels) of the other pseudo-label sets
     if baseline_labels_needed():
         outputs.append(run_path("pseudo_labels", "baseline", "summary.json", seed=seed))
-    if distill_enabled():
-        outputs += [run_path("pseudo_labels", teacher_label_set(stage), "summary.json", seed=seed)
-                    for stage in range(1, distill_stages() + 1)]
+    outputs += [run_path("pseudo_labels", teacher_label_set(stage), "summary.json", seed=seed)
+                for stage in distill_stage_numbers()]
     return outputs
 
 

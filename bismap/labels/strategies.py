@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch.nn import functional as F
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader, Dataset, Subset
 from bismap.progress import tqdm
 
 from bismap.data.loading import Manifest, SegmentationDataset
@@ -301,7 +301,7 @@ class LabellingShard:
     class_names: list[str]
     prototypes: ClassPrototypes | None
     manifest: Manifest
-    dataset: Subset
+    dataset: Dataset  # items with their 'index' into the manifest's samples
     labelled: bool  # the items carry their true labels (for statistics only)
 
 

@@ -9,7 +9,7 @@ paper's static labels come from CBST, whose thresholds keep a proportion of the
 pixels (the public code: class-balanced proportions); a fixed threshold on a
 model that the entropy terms make ever more confident would label more and
 more pixels, wrongly (development seed 9: 0.74 -> 0.88 of the pixels after
-four renewals, and 10-16 mIoU lost). The target loader restarts on the new
+four renewals, and 5-16 mIoU lost). The target loader restarts on the new
 files at the same place of its batch sequence: a run whose renewals never fire
 is the run without renewals, batch for batch. The renewed files are resume
 state, not outputs: they live next to the run's state file, a resumed run finds
@@ -28,7 +28,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Subset
 
 from bismap.data.loading import Manifest, SegmentationDataset
 from bismap.data.samples import IGNORE_INDEX
@@ -68,8 +67,8 @@ def renew_static_labels(run: AdaptationRun, settings: PseudoLabelSettings, cover
         raise ValueError(f"contrastive static labels are renewed with strategy 'confidence', not '{settings.strategy}'"
                          " (selftrain.baseline_pseudo_labels)")
     manifest = Manifest.load(run.target.manifest_path)
-    dataset = Subset(SegmentationDataset(manifest, labelled=False), range(len(manifest.samples)))
-    shard = LabellingShard(run.model, run.class_names, None, manifest, dataset, False)
+    shard = LabellingShard(run.model, run.class_names, None, manifest, SegmentationDataset(manifest, labelled=False),
+                           False)
     run.model.eval()
     try:
         matched = shard_coverage_settings(shard, settings, coverage, device)
@@ -79,6 +78,11 @@ def renew_static_labels(run: AdaptationRun, settings: PseudoLabelSettings, cover
         run.model.train()
     logger.info("static labels renewed (%s): confidence >= %.5g, PL ratio %.3f (initial %.3f)", folder.name,
                 matched.confidence, statistics["pl_ratio"], coverage)
+    return _renewed_target(run, folder)
+
+
+def _renewed_target(run: AdaptationRun, folder: Path) -> DomainData:
+    """The target data on the renewed labels in ``folder``."""
     return DomainData(run.target.manifest_path, label_paths=shard_png_paths([folder], "renewed static label"))
 
 
@@ -114,7 +118,7 @@ def _target_at(run: AdaptationRun, folder: Path, points: list[int], start: int) 
     if not renewed.is_dir():
         raise FileNotFoundError(f"the resume state {run.paths.state} (iteration {start}) needs the static labels "
                                 f"renewed at iteration {earlier[-1]} in {renewed}; delete the state to start over")
-    return DomainData(run.target.manifest_path, label_paths=shard_png_paths([renewed], "renewed static label"))
+    return _renewed_target(run, renewed)
 
 
 def remove_renewals(folder: Path) -> None:
