@@ -184,3 +184,25 @@ def test_static_labels_are_renewed_every_interval_by_the_model_in_training(data,
     # the same share of labelled pixels as the initial labels (a quantile of 4,096 sampled scores per image)
     assert (labels != 255).mean() == pytest.approx((initial != 255).mean(), abs=0.03)
     assert any(not torch.equal(renewed[key], plain[key]) for key in plain)
+
+
+def test_target_cross_entropy_and_entropies_are_taken_at_the_image_resolution_as_the_public_code(data):  # noqa: F811
+    """loss_resolution "image" (damnet_trainer.py:136-140 on DeeplabV2.py:191's upsampled prediction): the target
+    CE is the CE of the bilinearly upsampled logits with the (H, W) static labels; "feature" (releases up to 0.3.1)
+    is the CE of the (h, w) logits with the nearest-downsampled labels. The two differ."""
+    source, target = batches(torch.Generator().manual_seed(7))
+    target["label"][:, :, 14:16] = 255  # a gap that the nearest downsampling to 4 x 4-pixel cells loses
+    image = first_step_terms(data, source, target)
+    feature = first_step_terms(data, source, target, loss_resolution="feature")
+    model = load_model(data["folder"] / "warmup.pt")[0].eval()
+    with torch.no_grad():
+        logits = model(torch.cat([source["image"], target["image"]])).logits[2:]  # (2, K, h, w)
+    upsampled = torch.nn.functional.interpolate(logits, size=(32, 32), mode="bilinear", align_corners=False)
+    small = labels_at_feature_size(target["label"], tuple(logits.shape[-2:]))
+    assert image["target_ce"] == pytest.approx(float(torch.nn.functional.cross_entropy(
+        upsampled, target["label"], ignore_index=255)), rel=1e-5)
+    assert feature["target_ce"] == pytest.approx(float(torch.nn.functional.cross_entropy(
+        logits, small, ignore_index=255)), rel=1e-5)
+    assert image["target_ce"] != pytest.approx(feature["target_ce"], rel=1e-3)
+    assert image["target_entropy"] != pytest.approx(feature["target_entropy"], rel=1e-3)
+    assert image["forward_contrast"] == pytest.approx(feature["forward_contrast"], rel=1e-6)  # feature cells both

@@ -65,6 +65,10 @@ from bismap.methods.prototypes import absent_classes, pixel_cosine_similarities
 LABEL_PRIORITIES = ("dynamic", "static", "static_only")
 ENTROPY_FORMS = ("shannon", "public")
 PROTOTYPE_SCOPES = ("pair", "batch")
+# Where Eq. 11's target CE and entropy terms are taken. "image": logits upsampled to the label size, as the public
+# code (DeeplabV2.py:191 upsamples its prediction; damnet_trainer.py:136-140 takes CE and entropy there); "feature":
+# the (h, w) logits with nearest-downsampled y_F (releases up to 0.3.1).
+LOSS_RESOLUTIONS = ("image", "feature")
 
 
 @dataclass(frozen=True)
@@ -86,6 +90,7 @@ class ContrastiveSettings:
     entropy_form: str = "shannon"  # "shannon" (Eq. 11); "public": damnet_trainer.py:33-37
     prototype_scope: str = "pair"  # "pair": image i with image i (Sec. 3.2; public code: damnet_trainer.py:143-147)
     prototype_gradient: bool = True  # the contrastive terms also flow through rho_S, rho_T (public code)
+    loss_resolution: str = "image"  # Eq. 11's target CE and entropies: see LOSS_RESOLUTIONS
 
     def __post_init__(self) -> None:
         if self.temperature <= 0:
@@ -95,9 +100,10 @@ class ContrastiveSettings:
         if self.static_label_interval < 1:
             raise ValueError("contrastive.static_label_interval must be >= 1")
         if (self.label_priority not in LABEL_PRIORITIES or self.entropy_form not in ENTROPY_FORMS
-                or self.prototype_scope not in PROTOTYPE_SCOPES):
+                or self.prototype_scope not in PROTOTYPE_SCOPES or self.loss_resolution not in LOSS_RESOLUTIONS):
             raise ValueError(f"contrastive.label_priority must be one of {LABEL_PRIORITIES}, entropy_form one of "
-                             f"{ENTROPY_FORMS}, prototype_scope one of {PROTOTYPE_SCOPES}")
+                             f"{ENTROPY_FORMS}, prototype_scope one of {PROTOTYPE_SCOPES}, loss_resolution one of "
+                             f"{LOSS_RESOLUTIONS}")
         if self.absent_class_similarity is not None and not -1.0 <= self.absent_class_similarity <= 1.0:
             raise ValueError("contrastive.absent_class_similarity must be in [-1, 1] or null")
 

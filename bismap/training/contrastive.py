@@ -13,6 +13,10 @@ and with features f_S, f_T (b, D, h, w)::
     L = l^S_seg CE(x_S, y_S) + l^T_seg CE(x_T, y_F) + l^S_ent H(x_S) + l^T_ent H(x_T)   (Eq. 11)
       + l_FC FCL(f_T, y_T; rho_S) + l_BC BCL(f_S, y_S; rho_T)                           (Eq. 2-3, 12)
 
+The segmentation and entropy terms are taken on logits upsampled to the image
+(``loss_resolution`` "image", as the public code), the contrastive terms on the
+(h, w) feature cells.
+
 ``label_priority`` "static" takes y_F first, "static_only" y_F alone (what
 the public code's contrastive terms use). ``absent_class_similarity`` and
 ``entropy_form`` follow :mod:`bismap.methods.contrastive`.
@@ -55,7 +59,7 @@ from bismap.methods.contrastive import (ContrastiveSettings, backward_contrastiv
                                         hybrid_pseudo_labels)
 from bismap.methods.prototypes import absent_classes, class_centroids, labels_at_feature_size, momentum_update
 from bismap.training.adaptation import (AdaptationRun, Batch, DomainData, image_cross_entropy, launch_one_process,
-                                        pixel_mean, seeded_start, train_and_save)
+                                        pixel_mean, seeded_start, train_and_save, upsample_to)
 from bismap.training.checkpoint import fingerprint, input_signature
 from bismap.training.distributed import DistributedContext
 from bismap.training.optim import make_optimizer
@@ -107,15 +111,17 @@ class ContrastiveStep:
         logits = output.logits.split(len(source_images))  # each (b, K, h, w)
         source_features, target_features = output.features.split(len(source_images))  # each (b, D, h, w)
         source_labels = source["label"].to(self.device)  # (b, H, W)
+        static_image = target["label"].to(self.device)  # y_F (b, H, W)
         size = tuple(source_features.shape[-2:])
         source_small = labels_at_feature_size(source_labels, size)  # y_S (b, h, w)
-        static = labels_at_feature_size(target["label"].to(self.device), size)  # y_F (b, h, w)
+        static = labels_at_feature_size(static_image, size)  # y_F (b, h, w)
         forward, backward, dynamic_share = self._contrastive_terms(source_features, source_small, target_features,
                                                                    static)  # Eq. 1-10
+        source_logits, target_logits, target_labels = self._segmentation_inputs(logits, static_image, static)
         terms = {"source_ce": image_cross_entropy(logits[0], source_labels, self.context),
-                 "target_ce": pixel_mean(weighted_cross_entropy_pixels(logits[1], static), self.context),
-                 "source_entropy": pixel_mean(entropy_pixels(logits[0], form=settings.entropy_form), self.context),
-                 "target_entropy": pixel_mean(entropy_pixels(logits[1], form=settings.entropy_form), self.context),
+                 "target_ce": pixel_mean(weighted_cross_entropy_pixels(target_logits, target_labels), self.context),
+                 "source_entropy": pixel_mean(entropy_pixels(source_logits, form=settings.entropy_form), self.context),
+                 "target_entropy": pixel_mean(entropy_pixels(target_logits, form=settings.entropy_form), self.context),
                  "forward_contrast": forward, "backward_contrast": backward}
         loss = settings.source_segmentation_weight * terms["source_ce"] \
             + settings.target_segmentation_weight * terms["target_ce"] \
@@ -127,6 +133,18 @@ class ContrastiveStep:
         loss.backward()
         self.optimizer.step()
         return {"loss": loss, **terms, "dynamic_share": dynamic_share}
+
+    def _segmentation_inputs(self, logits: tuple[torch.Tensor, ...], static_image: torch.Tensor,
+                             static: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Source and target logits and y_F for Eq. 11's target CE and entropies, at ``loss_resolution``.
+
+        "image" upsamples the (b, K, h, w) logits to the (b, H, W) labels as the public code; "feature" keeps
+        them at (h, w) with the nearest-downsampled y_F (releases up to 0.3.1; the source CE is at image size
+        either way).
+        """
+        if self.settings.loss_resolution == "feature":
+            return logits[0], logits[1], static
+        return upsample_to(logits[0], static_image), upsample_to(logits[1], static_image), static_image
 
     def _contrast(self, pixels_function: Callable[..., PixelLosses], features: torch.Tensor, labels: torch.Tensor,
                   prototypes: torch.Tensor) -> torch.Tensor:
