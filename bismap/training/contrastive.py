@@ -58,8 +58,8 @@ from bismap.methods.contrastive import (ContrastiveSettings, backward_contrastiv
                                         dynamic_pseudo_labels, entropy_pixels, forward_contrastive_pixels,
                                         hybrid_pseudo_labels)
 from bismap.methods.prototypes import absent_classes, class_centroids, labels_at_feature_size, momentum_update
-from bismap.training.adaptation import (AdaptationRun, Batch, DomainData, launch_one_process, pixel_mean,
-                                        seeded_start, train_and_save, upsample_to)
+from bismap.training.adaptation import (AdaptationRun, Batch, DomainData, image_cross_entropy, launch_one_process,
+                                        pixel_mean, seeded_start, train_and_save, upsample_to)
 from bismap.training.checkpoint import fingerprint, input_signature
 from bismap.training.distributed import DistributedContext
 from bismap.training.optim import make_optimizer
@@ -117,11 +117,8 @@ class ContrastiveStep:
         static = labels_at_feature_size(static_image, size)  # y_F (b, h, w)
         forward, backward, dynamic_share = self._contrastive_terms(source_features, source_small, target_features,
                                                                    static)  # Eq. 1-10
-        source_image_logits = upsample_to(logits[0], source_labels)  # (b, K, H, W), for the CE and "image" entropy
-        source_logits, target_logits, target_labels = self._segmentation_inputs(logits, source_image_logits,
-                                                                                static_image, static)
-        terms = {"source_ce": pixel_mean(weighted_cross_entropy_pixels(source_image_logits, source_labels),
-                                         self.context),
+        source_logits, target_logits, target_labels = self._segmentation_inputs(logits, static_image, static)
+        terms = {"source_ce": image_cross_entropy(logits[0], source_labels, self.context),
                  "target_ce": pixel_mean(weighted_cross_entropy_pixels(target_logits, target_labels), self.context),
                  "source_entropy": pixel_mean(entropy_pixels(source_logits, form=settings.entropy_form), self.context),
                  "target_entropy": pixel_mean(entropy_pixels(target_logits, form=settings.entropy_form), self.context),
@@ -137,18 +134,17 @@ class ContrastiveStep:
         self.optimizer.step()
         return {"loss": loss, **terms, "dynamic_share": dynamic_share}
 
-    def _segmentation_inputs(self, logits: tuple[torch.Tensor, ...], source_image_logits: torch.Tensor,
-                             static_image: torch.Tensor, static: torch.Tensor
-                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _segmentation_inputs(self, logits: tuple[torch.Tensor, ...], static_image: torch.Tensor,
+                             static: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Source and target logits and y_F for Eq. 11's target CE and entropies, at ``loss_resolution``.
 
-        "image": the source logits already upsampled for the source CE and the target logits upsampled to the
-        (b, H, W) labels, as the public code; "feature": the (b, K, h, w) logits with the nearest-downsampled y_F
-        (releases up to 0.3.1; the source CE is at image size either way).
+        "image" upsamples the (b, K, h, w) logits to the (b, H, W) labels as the public code; "feature" keeps
+        them at (h, w) with the nearest-downsampled y_F (releases up to 0.3.1; the source CE is at image size
+        either way).
         """
         if self.settings.loss_resolution == "feature":
             return logits[0], logits[1], static
-        return source_image_logits, upsample_to(logits[1], static_image), static_image
+        return upsample_to(logits[0], static_image), upsample_to(logits[1], static_image), static_image
 
     def _contrast(self, pixels_function: Callable[..., PixelLosses], features: torch.Tensor, labels: torch.Tensor,
                   prototypes: torch.Tensor) -> torch.Tensor:
