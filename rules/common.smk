@@ -587,8 +587,13 @@ def distill_teacher_inputs(wildcards):
 
 
 def teacher_label_settings():
-    return {"strategy": "confidence", "confidence": distill_settings().get("teacher_confidence", 0.95),
-            "flip_average": distill_settings().get("flip_average", True)}
+    """PseudoLabelSettings of the teacher's labels; teacher_scales and teacher_resolution enter the params only
+    when the config sets them, so runs made before they existed keep their params."""
+    settings = {"strategy": "confidence", "confidence": distill_settings().get("teacher_confidence", 0.95),
+                "flip_average": distill_settings().get("flip_average", True)}
+    optional = {"teacher_scales": "scales", "teacher_resolution": "resolution"}
+    settings.update({name: distill_settings()[key] for key, name in optional.items() if key in distill_settings()})
+    return settings
 
 
 def distill_inputs(wildcards):

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch.nn import functional as F
 
 from bismap.data.digit_scenes import DigitScenesSettings, generate_split
 from bismap.data.index import index_dataset
@@ -196,3 +198,42 @@ def test_image_resolution_labels_follow_the_bilinear_logits_between_cells():
     assert image[0].tolist() == [0, 0, 0, 255, 255, 1, 1, 1]
     with pytest.raises(ValueError, match="resolution"):
         PseudoLabelSettings(resolution="pixel")
+
+
+class _LeftPixel(torch.nn.Module):
+    """Logits (1, 2, H/2, W/2): class 0 scores channel 0's top-left pixel of each 2 x 2 cell, class 1 its negative
+    (not mirror-symmetric, so a mirrored view differs)."""
+
+    def forward(self, image: torch.Tensor) -> SimpleNamespace:
+        cells = image[:, :1, ::2, ::2]  # (1, 1, H/2, W/2)
+        return SimpleNamespace(logits=torch.cat([cells, -cells], dim=1), features=cells)
+
+
+def _class_0_probability(cell: float) -> float:
+    return 1 / (1 + math.exp(-2 * cell))  # softmax of (cell, -cell)
+
+
+def test_scale_and_mirror_average_is_the_mean_softmax_of_every_view():
+    """The distillation teacher's labels average the softmax over resized views (the public BiSMAP inference.py:
+    0.75, 1, 1.5) and mirrors; checked against each view worked out by hand on a ramp image."""
+    from bismap.labels.strategies import averaged_logits
+
+    model = _LeftPixel()
+    image = torch.tensor([0.0, 1.0, 2.0, 7.0]).view(1, 1, 1, 4).repeat(1, 3, 2, 1)  # (1, 3, 2, 4)
+    logits = model(image).logits  # (1, 2, 1, 2): cells 0 | 2
+    assert averaged_logits(model, image, logits, flip_average=False) is logits
+    flipped = averaged_logits(model, image, logits, flip_average=True)[0, 0, 0].exp()  # mirror's cells 7 | 1, back 1 | 7
+    assert flipped.tolist() == pytest.approx([(_class_0_probability(0) + _class_0_probability(1)) / 2,
+                                              (_class_0_probability(2) + _class_0_probability(7)) / 2], rel=1e-6)
+    # scale 2: the (4, 8) bilinear image's top-left pixels (4 per row, 2 rows), brought back to (1, 2) by
+    # bilinear halving (align_corners=False): each output cell the mean of a 2 x 2 block of them
+    doubled = F.interpolate(image, scale_factor=2.0, mode="bilinear", align_corners=False)[0, 0, ::2, ::2]  # (2, 4)
+    halved = [doubled[:, 0:2].mean().item(), doubled[:, 2:4].mean().item()]
+    scaled = averaged_logits(model, image, logits, flip_average=False, scales=(1.0, 2.0))[0, 0, 0].exp()
+    assert scaled.tolist() == pytest.approx([(_class_0_probability(0) + _class_0_probability(halved[0])) / 2,
+                                             (_class_0_probability(2) + _class_0_probability(halved[1])) / 2],
+                                            rel=1e-6)
+    with pytest.raises(ValueError, match="scales"):
+        PseudoLabelSettings(strategy="maps", scales=(1.0, 1.5))
+    with pytest.raises(ValueError, match="scales"):
+        PseudoLabelSettings(strategy="confidence", scales=(0.0,))

@@ -65,7 +65,7 @@ def shard_coverage_settings(shard: LabellingShard, settings: PseudoLabelSettings
     loader = DataLoader(shard.dataset, batch_size=None, num_workers=settings.workers, generator=torch.Generator())
     for item in tqdm(loader, desc="coverage scores", unit="img"):
         image = item["image"][None].to(device)  # (1, 3, H, W)
-        logits, features = network_outputs(shard.model, image, settings.flip_average)  # (K, h, w), (D, h, w)
+        logits, features = network_outputs(shard.model, image, settings)  # (K, h, w), (D, h, w)
         if settings.resolution == "image":
             logits, features = outputs_at_image_size(logits, features, tuple(image.shape[-2:]))
         scores = pixel_scores(logits, features, settings, centroids)

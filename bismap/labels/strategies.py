@@ -65,6 +65,9 @@ class PseudoLabelSettings:
     confidence: float = 0.9  # confidence: minimum softmax maximum
     fraction: float = 0.5  # confidence_balanced: share kept per predicted class and image
     flip_average: bool = False  # confidence strategies: average the softmax of x and of its mirror (ProDA)
+    # confidence strategies: average the softmax over the image resized by each factor (the public BiSMAP
+    # inference.py labels its distillation targets at 0.75, 1 and 1.5)
+    scales: tuple[float, ...] = (1.0,)
     # confidence, cas: the threshold (confidence or margin) that labels the same share of pixels as a reference
     # label set, found by bismap.labels.coverage.match_coverage before labelling
     match_coverage: bool = False
@@ -88,6 +91,10 @@ class PseudoLabelSettings:
             raise ValueError(f"pseudo_labels.classifier_agreement needs strategy maps, not '{self.strategy}'")
         if self.flip_average and not self.strategy.startswith("confidence"):
             raise ValueError(f"pseudo_labels.flip_average needs a confidence strategy, not '{self.strategy}'")
+        if tuple(self.scales) != (1.0,) and not self.strategy.startswith("confidence"):
+            raise ValueError(f"pseudo_labels.scales needs a confidence strategy, not '{self.strategy}'")
+        if not self.scales or any(scale <= 0 for scale in self.scales):
+            raise ValueError(f"pseudo_labels.scales must be positive factors, got {list(self.scales)}")
         if self.match_coverage and self.strategy not in ("confidence", "cas"):
             raise ValueError(f"pseudo_labels.match_coverage needs strategy confidence or cas, not '{self.strategy}'")
         if not 0.0 <= self.fraction <= 1.0 or not 0.0 <= self.percentile <= 100.0:
@@ -173,16 +180,32 @@ def label_map(logits: torch.Tensor, features: torch.Tensor, settings: PseudoLabe
     return labels.view(size)
 
 
-def flip_averaged_logits(model: torch.nn.Module, image: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-    """log of the mean softmax of (1, 3, H, W) ``image`` and of its mirror image, mirrored back: (1, K, h, w)."""
-    mirrored = model(image.flip(-1)).logits.flip(-1)  # (1, K, h, w)
-    return ((logits.softmax(dim=1) + mirrored.softmax(dim=1)) / 2).log()
+def averaged_logits(model: torch.nn.Module, image: torch.Tensor, logits: torch.Tensor, flip_average: bool,
+                    scales: Sequence[float] = (1.0,)) -> torch.Tensor:
+    """log of the mean softmax of (1, 3, H, W) ``image`` resized by each of ``scales`` (and of each one's mirror,
+    mirrored back, with ``flip_average``), each at ``logits``' (h, w): (1, K, h, w). ``logits``: the image's own,
+    at scale 1. Without mirrors or other scales, ``logits`` itself."""
+    if not flip_average and tuple(scales) == (1.0,):
+        return logits
+    size = tuple(logits.shape[-2:])
+    probabilities = []
+    for scale in scales:
+        scaled = image if scale == 1.0 else F.interpolate(image, scale_factor=scale, mode="bilinear",
+                                                          align_corners=False)  # (1, 3, sH, sW)
+        views = [logits if scale == 1.0 else model(scaled).logits]  # (1, K, sh, sw)
+        if flip_average:
+            views.append(model(scaled.flip(-1)).logits.flip(-1))
+        probabilities += [(view if tuple(view.shape[-2:]) == size else F.interpolate(
+            view, size=size, mode="bilinear", align_corners=False)).softmax(dim=1) for view in views]
+    return torch.stack(probabilities).mean(dim=0).log()  # (1, K, h, w)
 
 
-def network_outputs(model: torch.nn.Module, image: torch.Tensor, flip_average: bool) -> tuple[torch.Tensor, ...]:
-    """One (1, 3, H, W) image -> its (K, h, w) logits (flip-averaged if asked) and (D, h, w) decoder features."""
+def network_outputs(model: torch.nn.Module, image: torch.Tensor, settings: PseudoLabelSettings
+                    ) -> tuple[torch.Tensor, ...]:
+    """One (1, 3, H, W) image -> its (K, h, w) logits (averaged over mirrors and scales as the settings ask) and
+    (D, h, w) decoder features (of the image itself)."""
     output = model(image)
-    logits = flip_averaged_logits(model, image, output.logits) if flip_average else output.logits
+    logits = averaged_logits(model, image, output.logits, settings.flip_average, settings.scales)
     return logits[0], output.features[0]
 
 
@@ -330,7 +353,7 @@ def label_shard(shard: LabellingShard, settings: PseudoLabelSettings, output_dir
     statistics = LabelStatistics(shard.class_names)
     for item in tqdm(loader, desc=description, unit="img"):
         image = item["image"][None].to(device)  # one image at a time: shard-independent results
-        logits, features = network_outputs(shard.model, image, settings.flip_average)  # (K, h, w), (D, h, w)
+        logits, features = network_outputs(shard.model, image, settings)  # (K, h, w), (D, h, w)
         labels = image_labels(logits, features, tuple(image.shape[-2:]), settings, shard.prototypes,
                               thresholds)  # (H, W)
         write_png(Path(output_dir) / f"{shard.manifest.samples[item['index']].name}.png", labels)
