@@ -71,9 +71,9 @@ def measure_labelling(device: torch.device, size: tuple[int, int], model_setting
     results = []
     with torch.no_grad():
         if warmup:  # CUDA: kernels, cuDNN plans and the prototypes' stacked parameters, outside the measurement
-            image_labels(*network_outputs(model, image, False), size, settings, prototypes, thresholds)
+            image_labels(*network_outputs(model, image, settings), size, settings, prototypes, thresholds)
         with PeakMemory(device) as peak:
-            logits, features = network_outputs(model, image, False)  # (K, h, w), (D, h, w)
+            logits, features = network_outputs(model, image, settings)  # (K, h, w), (D, h, w)
         results.append(StageResult("network forward", peak.seconds, peak.host_mb, peak.device_mb, peak.method))
         with PeakMemory(device) as peak:
             labels = image_labels(logits, features, size, settings, prototypes, thresholds)  # (H, W) uint8
