@@ -8,8 +8,11 @@ operation; from identical weights the two gradients of a step agree to ~1e-5).
 Training amplifies that rounding, the more the faster the weights move, so the
 runs use the 10x smaller learning rate of tests/test_distributed.py (0.001,
 head x10; at 0.01 of tests/test_selftrain.py the runs drift apart). There the
-observed relative difference of every logged term stays below 1e-5 (the loss
-log keeps 6 significant digits) and the test asserts ``LOSS_RTOL = 1e-4``.
+observed relative difference of every logged term stays below 1e-5 on one
+machine and reached 1.4e-4 in four iterations on an AMD EPYC CPU (AVX2 kernels,
+another summation order; the loss log keeps 6 significant digits), so the test
+asserts ``LOSS_RTOL = 1e-3``: a mistake in the global normalisation moves a
+term by far more (half the pixels counted twice is ~1e-1).
 The strong view shifts and mirrors but does not zoom out: a zoomed-out view
 (scale < 1, wide flat borders) makes this tiny net's gradient chaotic (a 7e-7
 change of the weights moved it by 3% in one step), so that rounding alone
@@ -48,8 +51,8 @@ from tests.conftest import dies_on_call
 from tests.test_distributed import MODEL
 from tests.test_selftrain import make_adaptation_data
 
-LOSS_RTOL = 1e-4  # relative, per iteration and per logged term; see the module docstring
-WEIGHT_ATOL = 1e-4  # largest absolute difference of any weight after 4 iterations
+LOSS_RTOL = 1e-3  # relative, per iteration and per logged term; see the module docstring
+WEIGHT_ATOL = 1e-3  # largest absolute difference of any weight after 4 iterations (1.2e-4 seen on an AMD EPYC CPU)
 ITERATIONS = 4
 CPU = torch.device("cpu")
 TRAINING = TrainSettings(iterations=ITERATIONS, batch_size=4, seed=3, log_interval=1, checkpoint_interval=2,
@@ -115,7 +118,8 @@ def assert_same_training(reference: Path, other: Path) -> None:
     assert checkpoint["step"] == ITERATIONS and not any(key.startswith("module.") for key in checkpoint["model"])
     reference_weights = load_model(reference / "model.pt")[0].state_dict()
     for key, value in weights.state_dict().items():
-        assert torch.allclose(value.double(), reference_weights[key].double(), rtol=0, atol=WEIGHT_ATOL), key
+        difference = (value.double() - reference_weights[key].double()).abs().max().item() if value.numel() else 0.0
+        assert difference <= WEIGHT_ATOL, f"{key}: largest difference {difference:.2e}"
 
 
 @pytest.fixture(scope="module")
