@@ -1,5 +1,5 @@
 # Distillation (ProDA Sec. 3.4, Eq. 12; the "*" rows of BiSMAP Tables 1-2):
-# the self-trained variant distill.teacher labels target-train (flip-averaged,
+# the self-trained variant distill.teacher labels target-train (averaged over teacher_scales and mirrors,
 # confidence >= distill.teacher_confidence), then a student learns from those
 # labels, the teacher's soft predictions and the source labels. With
 # distill.stages S > 1 (the public BiSMAP code runs two), stage s's student is
