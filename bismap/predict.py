@@ -31,6 +31,7 @@ from bismap.data.real_datasets import CITYSCAPES_CLASS_NAMES, CITYSCAPES_LABEL_T
 from bismap.data.samples import IGNORE_INDEX, open_image
 from bismap.evaluation.qualitative import palette
 from bismap.export import ModelInfo, load_exported
+from bismap.labels.strategies import averaged_logits
 from bismap.io import write_png
 from bismap.progress import tqdm
 
@@ -51,10 +52,7 @@ def image_logits(model: torch.nn.Module, pixels: torch.Tensor, settings: Predict
     size = tuple(pixels.shape[-2:])
     inputs = pixels if settings.resize is None else F.interpolate(
         pixels, size=(settings.resize[1], settings.resize[0]), mode="bilinear", align_corners=False)
-    logits = model(inputs).logits  # (1, K, h, w)
-    if settings.flip_average:
-        mirrored = model(inputs.flip(-1)).logits.flip(-1)
-        logits = ((logits.softmax(dim=1) + mirrored.softmax(dim=1)) / 2).log()
+    logits = averaged_logits(model, inputs, model(inputs).logits, settings.flip_average)  # (1, K, h, w)
     return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)  # as the evaluation
 
 
